@@ -1,0 +1,55 @@
+"""Shared fixtures.
+
+Tests that need Redis use a dedicated database (``ECHOQ_TEST_REDIS_URL``, default
+``redis://127.0.0.1:6379/15``), flushed before and after each test. Locally they skip when
+Redis does not answer; under CI (``CI=true``) they fail instead, so a missing Redis can never
+turn into a green run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+TEST_REDIS_URL = os.environ.get("ECHOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _redis_or_skip() -> redis.Redis:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis at {TEST_REDIS_URL} is required under CI: {exc}")
+        pytest.skip(f"Redis at {TEST_REDIS_URL} is not answering: {exc}")
+    return client
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """A client on the clean test database."""
+    client = _redis_or_skip()
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> Iterator[None]:
+    """Point echoq's settings at the test database for this process and for children."""
+    from worker.settings import get_settings
+
+    monkeypatch.setenv("ECHOQ_REDIS_URL", TEST_REDIS_URL)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

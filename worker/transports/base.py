@@ -1,0 +1,58 @@
+"""The seam between the sender and a room: join, send, leave, and room events.
+
+A transport is used by one sender at a time. ``send`` blocks until the room has taken the
+message and raises a typed error from :mod:`worker.errors` when it has not. Room events (the
+replica's app messages) are handed to ``on_event`` from whatever thread the transport reads on;
+a handler only hands work off, it never blocks and never calls the transport back.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class Transport(abc.ABC):
+    """A connection to one conversation's room."""
+
+    def __init__(self, url: str, on_event: EventHandler | None = None) -> None:
+        self.url = url
+        self.on_event = on_event
+
+    @abc.abstractmethod
+    def join(self, timeout: float) -> None:
+        """Join the room; :class:`~worker.errors.JoinFailed` when it fails or takes longer than ``timeout``."""
+
+    @abc.abstractmethod
+    def wait_for_replica(self, timeout: float) -> None:
+        """Block until the replica is in the room; :class:`~worker.errors.ReplicaAbsent` after ``timeout``."""
+
+    @abc.abstractmethod
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one app message and wait until the room has taken it."""
+
+    @abc.abstractmethod
+    def leave(self) -> None:
+        """Leave the room and free what the connection holds. Safe to call twice."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether the room is joined and usable."""
+
+    def rejoin(self, timeout: float) -> None:
+        """Leave what is left of the connection and join again."""
+        self.leave()
+        self.join(timeout)
+
+    def write_frames(self, pcm: bytes, sample_rate: int) -> None:
+        """Write s16le mono PCM to the room's microphone (microphone echo)."""
+        raise NotImplementedError(f"{type(self).__name__} has no microphone")
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        handler = self.on_event
+        if handler is not None:
+            handler(event)
