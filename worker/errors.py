@@ -14,7 +14,8 @@ retryable errors are retried inside the sender with backoff.
         │   └── RateLimited         the room refused for rate
         ├── RoomDisconnected        the room connection is gone; rejoin, then resume
         ├── JoinFailed              joining the room failed or timed out
-        └── ReplicaAbsent           the replica has not joined the room in time
+        ├── ReplicaAbsent           the replica has not joined the room in time
+        └── BackendUnavailable      Redis (the broker and the store) cannot be reached
 """
 
 from __future__ import annotations
@@ -74,3 +75,7 @@ class JoinFailed(RetryableError):
 
 class ReplicaAbsent(RetryableError):
     """The replica participant did not appear in the room in time."""
+
+
+class BackendUnavailable(RetryableError):
+    """Redis, which holds the queues and the conversation logs, cannot be reached."""
