@@ -1,4 +1,4 @@
-"""Transports: Daily rooms, loopback rooms (Redis streams, for the simulator) and an in-memory double."""
+"""Transports: Daily rooms and loopback rooms (Redis streams, for the replica simulator)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ def check_url(url: str) -> str:
         return url
     if parts.scheme in ("https", "http") and parts.netloc:
         return url
-    if parts.scheme == "memory":
-        return url
     raise InvalidInput(f"conversation url must be https://… (a Daily room) or loopback://NAME, not {url!r}")
 
 
@@ -37,10 +35,6 @@ def open_transport(url: str, *, redis_client: redis.Redis, settings: Settings, o
         from .loopback import LoopbackTransport
 
         return LoopbackTransport(url, redis_client=redis_client, on_event=on_event)
-    if scheme == "memory":
-        from .memory import MemoryTransport
-
-        return MemoryTransport.get(url, on_event=on_event)
     from .daily import DailyTransport
 
     return DailyTransport(url, settings=settings, on_event=on_event)

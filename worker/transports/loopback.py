@@ -151,8 +151,10 @@ class _EventHub:
     """One thread per process that reads the event streams of every joined loopback room."""
 
     def __init__(self, client: redis.Redis) -> None:
-        kwargs = dict(client.connection_pool.connection_kwargs)
-        self._redis = redis.Redis(**kwargs)
+        # a connection of its own: the blocking read must not hold one the senders need
+        pool = client.connection_pool
+        self._redis = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **pool.connection_kwargs))
         self._lock = threading.Lock()
         self._rooms: dict[str, list[LoopbackTransport]] = {}
         self._last: dict[str, str] = {}

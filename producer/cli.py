@@ -1,0 +1,238 @@
+"""The ``echoq`` command line.
+
+Exit codes: 0 ok; 1 the utterance failed (``--wait``) or a wait timed out; 2 bad input or usage;
+3 unknown conversation or utterance; 5 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from worker.errors import AudioError, BackendUnavailable, EchoqError, InvalidInput, UnknownConversation
+from worker.settings import get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_BACKEND = 0, 1, 2, 3, 5
+
+#: modules that add their own subcommands with ``register(subparsers)``
+COMMAND_MODULES = ("producer.cli_tavus", "producer.cli_ops", "producer.cli_api", "producer.cli_script")
+
+
+def _client() -> Any:
+    from .client import EchoqClient
+
+    return EchoqClient()
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+# commands ------------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    s = get_settings()
+    name = args.name or f"echoq-{os.getpid()}@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads",
+            "-c", str(args.concurrency or s.worker_concurrency), "-Q", "echoq.control", "-n", name,
+            "--without-gossip", "--without-mingle", "-E", "--loglevel", args.loglevel or s.log_level]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+    return EXIT_OK  # not reached
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from worker import simulator
+
+    return int(simulator.run_cli(args))
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    conv = _client().open(args.conversation_id, args.url, mode=args.mode)
+    _print(args, conv, f"opened {args.conversation_id} ({conv.get('mode')}) -> {conv.get('url')}")
+    return EXIT_OK
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    _client().close(args.conversation_id)
+    _print(args, {"conversation_id": args.conversation_id, "closing": True}, f"closing {args.conversation_id}")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    conv = _client().conversation(args.conversation_id)
+    text = "\n".join(f"{k}: {v}" for k, v in sorted(conv.items()))
+    _print(args, conv, text)
+    return EXIT_OK
+
+
+def cmd_say(args: argparse.Namespace) -> int:
+    client = _client()
+    uid = client.say(args.conversation_id, args.text, utterance_id=args.id, inference_id=args.inference_id)
+    return _after_enqueue(client, args, uid)
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    client = _client()
+    uid = client.play(args.conversation_id, args.file, sample_rate=args.sample_rate, source_rate=args.source_rate,
+                      channels=args.channels, format=args.format, utterance_id=args.id, inference_id=args.inference_id)
+    return _after_enqueue(client, args, uid)
+
+
+def _after_enqueue(client: Any, args: argparse.Namespace, uid: str) -> int:
+    if not args.wait:
+        _print(args, {"utterance_id": uid, "state": "queued"}, uid)
+        return EXIT_OK
+    shown = [-1]
+    tty = sys.stderr.isatty()
+
+    def progress(rec: dict[str, Any]) -> None:
+        if args.json:
+            return
+        sent, total = rec.get("chunks_sent", 0), rec.get("chunks_total")
+        if rec.get("kind") == "audio" and total and sent != shown[0]:
+            shown[0] = sent
+            line = f"{uid}: {rec.get('state')} {sent}/{total} chunks"
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    try:
+        rec = client.wait(uid, timeout=args.timeout, progress=progress)
+    except TimeoutError as exc:
+        print(f"\nechoq: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if tty and shown[0] >= 0 and not args.json:
+        print(file=sys.stderr)
+    _print(args, rec, f"{uid} {rec.get('state')}" + (f": {rec['error']}" if rec.get("error") else ""))
+    return EXIT_OK if rec.get("state") in ("sent", "spoken") else EXIT_FAILED
+
+
+def cmd_interrupt(args: argparse.Namespace) -> int:
+    cancelled = _client().interrupt(args.conversation_id)
+    _print(args, {"conversation_id": args.conversation_id, "cancelled": cancelled},
+           f"interrupted {args.conversation_id}; {cancelled} queued utterance(s) cancelled")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rec = _client().status(args.utterance_id)
+    text = "\n".join(f"{k}: {v}" for k, v in sorted(rec.items()))
+    _print(args, rec, text)
+    return EXIT_OK
+
+
+# parser --------------------------------------------------------------------------------------
+
+
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_: str,
+         json_flag: bool = True) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=func)
+    return p
+
+
+def _utterance_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", help="utterance id (default: a new uuid); enqueuing the same id twice adds it once")
+    p.add_argument("--inference-id", help="inference_id on the wire (default: the utterance id)")
+    p.add_argument("--wait", action="store_true", help="block until the utterance is sent; exit 1 if it failed")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="echoq",
+        description="Script what a Tavus replica says: queue text and audio into echo-mode conversations.",
+        epilog="Settings come from ECHOQ_* environment variables (see .env.example). "
+               "Exit codes: 0 ok, 1 failed or timed out, 2 bad input, 3 unknown conversation/utterance, "
+               "5 Redis unreachable.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = _add(sub, "worker", cmd_worker, "run a worker: holds room sessions and sends utterances", json_flag=False)
+    p.add_argument("--concurrency", "-c", type=int, help="threads (default ECHOQ_WORKER_CONCURRENCY)")
+    p.add_argument("--name", "-n", help="Celery node name (default echoq-<pid>@<host>)")
+    p.add_argument("--loglevel", "-l", help="log level (default ECHOQ_LOG_LEVEL)")
+
+    p = _add(sub, "simulate", cmd_simulate, "run the replica simulator for loopback:// rooms", json_flag=False)
+    try:
+        from worker import simulator
+
+        simulator.add_arguments(p)
+    except ImportError:
+        pass
+
+    p = _add(sub, "open", cmd_open, "open a conversation so a worker joins its room")
+    p.add_argument("conversation_id")
+    p.add_argument("--url", required=True, help="conversation_url (https://…daily.co/…) or loopback://NAME")
+    p.add_argument("--mode", choices=("echo", "microphone"), default="echo",
+                   help="echo: app messages (default); microphone: audio as a microphone track")
+
+    p = _add(sub, "close", cmd_close, "close a conversation: send what is queued, then leave")
+    p.add_argument("conversation_id")
+
+    p = _add(sub, "show", cmd_show, "show a conversation: owner, backlog, current utterance")
+    p.add_argument("conversation_id")
+
+    p = _add(sub, "say", cmd_say, "queue text for the replica to speak (text echo)")
+    p.add_argument("conversation_id")
+    p.add_argument("text")
+    _utterance_options(p)
+
+    p = _add(sub, "play", cmd_play, "queue an audio file (or http(s) URL) for the replica to lip-sync (audio echo)")
+    p.add_argument("conversation_id")
+    p.add_argument("file", help="audio file (wav, mp3, ogg, flac, m4a, webm, raw PCM) or http(s) URL")
+    p.add_argument("--sample-rate", type=int, choices=(16000, 24000), default=None,
+                   help="rate sent to the replica (default ECHOQ_DEFAULT_SAMPLE_RATE, 24000)")
+    p.add_argument("--format", help="input format when it cannot be told from the file (raw for s16le PCM)")
+    p.add_argument("--source-rate", type=int, help="sample rate of raw PCM input")
+    p.add_argument("--channels", type=int, default=1, help="channels of raw PCM input (default 1)")
+    _utterance_options(p)
+
+    p = _add(sub, "interrupt", cmd_interrupt, "stop what the replica is saying and drop what is queued")
+    p.add_argument("conversation_id")
+
+    p = _add(sub, "status", cmd_status, "show an utterance: state, chunks, timings, error")
+    p.add_argument("utterance_id")
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UnknownConversation as exc:
+        print(f"echoq: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except (InvalidInput, AudioError) as exc:
+        print(f"echoq: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN if str(exc).startswith("no utterance") else EXIT_USAGE
+    except BackendUnavailable as exc:
+        print(f"echoq: {exc}", file=sys.stderr)
+        return EXIT_BACKEND
+    except EchoqError as exc:
+        print(f"echoq: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

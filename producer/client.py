@@ -1,0 +1,288 @@
+"""The Python producer client: the one path into echoq's queues.
+
+Input is checked before anything is enqueued (unknown conversation, empty text, text that
+cannot fit a message, unreadable audio, a bad sample rate) and raises a clear error; nothing
+is written then. Audio bytes travel as a Redis blob with a TTL; the Celery message that rings
+the owner's doorbell carries ids only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+from celery import Celery
+
+from worker import audio, echo, keys
+from worker.errors import (
+    AudioError,
+    BackendUnavailable,
+    EchoqError,
+    InvalidInput,
+    TextTooLong,
+    UnknownConversation,
+)
+from worker.settings import SAMPLE_RATES, Settings, get_settings
+from worker.store import DELIVERED_STATES, FINAL_STATES, Store
+from worker.transports import check_url
+
+RAW_FORMATS = ("raw", "pcm", "s16le")
+MODES = ("echo", "microphone")
+
+
+def _utterance_id() -> str:
+    return uuid.uuid4().hex
+
+
+class EchoqClient:
+    """Open conversations, say text, play audio, interrupt, close, and follow utterances."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None,
+                 redis_client: redis.Redis | None = None, celery_app: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis_client or redis.Redis.from_url(redis_url or self.settings.redis_url)
+        self.store = Store(self.redis)
+        self._app = celery_app
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            from worker.celery_app import app
+
+            self._app = app
+        return self._app
+
+    # conversations -------------------------------------------------------------------------
+
+    def open(self, conversation_id: str, url: str, *, mode: str = "echo") -> dict[str, str]:
+        """Open (or reopen) a conversation; a worker with room takes it and joins ``url``."""
+        _check_id(conversation_id)
+        check_url(url)
+        if mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        with _backend():
+            record = self.store.open_conversation(conversation_id, url, mode)
+            self.store.add_event(conversation_id, {"type": "conversation.opened", "mode": mode})
+            self.app.send_task(keys.TASK_OPEN, args=[conversation_id], queue=keys.CONTROL_QUEUE)
+        return record
+
+    def close(self, conversation_id: str) -> None:
+        """Stop taking utterances; the owner sends what is left, then leaves the room."""
+        with _backend():
+            self._conversation(conversation_id)
+            self.store.close_conversation(conversation_id)
+            if self.store.lease_owner(conversation_id) is None and self.store.backlog(conversation_id) == 0:
+                self.store.mark_closed(conversation_id)
+            else:
+                self.app.send_task(keys.TASK_CLOSE, args=[conversation_id], queue=keys.conv_queue(conversation_id))
+
+    def conversation(self, conversation_id: str) -> dict[str, Any]:
+        """State of a conversation: owner, backlog, current utterance, last error."""
+        with _backend():
+            conv: dict[str, Any] = dict(self._conversation(conversation_id, open_only=False))
+            cur = self.store.cursor(conversation_id)
+            conv["owner"] = (self.store.lease_owner(conversation_id) or "").split(":")[0] or None
+            conv["backlog"] = self.store.backlog(conversation_id)
+            conv["utterances"] = self.store.log_length(conversation_id)
+            conv["cursor"] = {"seq": cur.seq, "chunk": cur.chunk}
+            nxt = self.store.entries_after(conversation_id, cur.seq, count=1)
+            current = self.store.utterance(nxt[0]["utterance_id"]) if nxt else None
+            conv["current_utterance"] = current["id"] if current and current.get("state") == "sending" else None
+        return conv
+
+    # utterances ----------------------------------------------------------------------------
+
+    def say(self, conversation_id: str, text: str, *, utterance_id: str | None = None,
+            inference_id: str | None = None) -> str:
+        """Queue a text echo; returns the utterance id."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("text is empty")
+        uid = utterance_id or _utterance_id()
+        inf = inference_id or uid
+        _check_utterance_ids(uid, inf)
+        # refuses text that cannot fit one message, before anything is written
+        echo.text_echo(conversation_id, text, inf, max_bytes=self.settings.max_message_bytes)
+        entry = {"utterance_id": uid, "kind": "text", "text": text, "inference_id": inf}
+        return self._enqueue(conversation_id, entry, {"kind": "text", "chars": len(text)})
+
+    def play(self, conversation_id: str, audio_in: str | os.PathLike[str] | bytes, *, sample_rate: int | None = None,
+             source_rate: int | None = None, channels: int = 1, format: str | None = None,
+             utterance_id: str | None = None, inference_id: str | None = None) -> str:
+        """Queue an audio echo from a path, bytes, or an http(s) URL; returns the utterance id.
+
+        ``sample_rate`` is the rate sent to the replica (16000 or 24000). Raw s16le PCM input
+        (``format="raw"``) needs its ``source_rate``.
+        """
+        rate = sample_rate or self.settings.default_sample_rate
+        if rate not in SAMPLE_RATES:
+            raise InvalidInput(f"sample_rate must be 16000 or 24000, not {rate}")
+        if format in RAW_FORMATS and not source_rate:
+            raise InvalidInput("raw PCM needs its source_rate")
+        uid = utterance_id or _utterance_id()
+        inf = inference_id or uid
+        _check_utterance_ids(uid, inf)
+        self._conversation(conversation_id)
+        data = self._read_audio(audio_in)
+        info = audio.probe(data, format=format, source_rate=source_rate, channels=channels,
+                           max_bytes=self.settings.max_audio_bytes, max_seconds=self.settings.max_audio_seconds)
+        from worker import chunks
+
+        estimate = math.ceil(info.duration_s * rate * 2 / chunks.chunk_bytes(rate, self.settings.chunk_ms)) or 1
+        entry = {"utterance_id": uid, "kind": "audio", "inference_id": inf, "sample_rate": rate,
+                 "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate}
+        record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_total": estimate}
+        return self._enqueue(conversation_id, entry, record, blob=data)
+
+    def interrupt(self, conversation_id: str) -> int:
+        """Stop the utterance being sent, cancel the queued ones; returns how many were cancelled."""
+        with _backend():
+            self._conversation(conversation_id)
+            _gen, cancelled = self.store.interrupt(conversation_id)
+            self.app.send_task(keys.TASK_INTERRUPT, args=[conversation_id], queue=keys.conv_queue(conversation_id))
+        return cancelled
+
+    def status(self, utterance_id: str) -> dict[str, Any]:
+        """The utterance record: state, counts, timings, error, replica events."""
+        with _backend():
+            rec = self.store.utterance(utterance_id)
+        if rec is None:
+            raise InvalidInput(f"no utterance {utterance_id!r}")
+        out: dict[str, Any] = dict(rec)
+        for k in ("seq", "chunks_sent", "chunks_total", "sample_rate"):
+            if k in out and out[k].lstrip("-").isdigit():
+                out[k] = int(out[k])
+        return out
+
+    def wait(self, utterance_id: str, *, timeout: float | None = None, states: tuple[str, ...] = DELIVERED_STATES,
+             progress: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.02) -> dict[str, Any]:
+        """Block until the utterance reaches one of ``states``; ``TimeoutError`` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            rec = self.status(utterance_id)
+            if progress is not None:
+                progress(rec)
+            if rec.get("state") in states:
+                return rec
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"utterance {utterance_id} is still {rec.get('state')} after {timeout:.1f}s")
+            time.sleep(poll_s)
+
+    def events(self, conversation_id: str, after: str = "0-0", *, block_ms: int | None = None,
+               count: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """Delivery and replica events of a conversation after the event id ``after``."""
+        with _backend():
+            return self.store.events(conversation_id, after, count=count, block_ms=block_ms)
+
+    def health(self) -> dict[str, Any]:
+        """Whether Redis answers, and the workers that reported in the last 30 seconds."""
+        try:
+            self.redis.ping()
+            raw = self.redis.hgetall(keys.WORKERS)
+        except redis.RedisError as exc:
+            return {"redis": False, "error": str(exc), "workers": []}
+        now = time.time()
+        workers = []
+        for name, beat in raw.items():
+            info = json.loads(beat)
+            if now - info.get("ts", 0) < 30:
+                workers.append({"name": name.decode(), "sessions": len(info.get("sessions", []))})
+        return {"redis": True, "workers": workers}
+
+    # internals -----------------------------------------------------------------------------
+
+    def _conversation(self, conversation_id: str, *, open_only: bool = True) -> dict[str, str]:
+        _check_id(conversation_id)
+        with _backend():
+            conv = self.store.conversation(conversation_id)
+        if conv is None:
+            raise UnknownConversation(f"no conversation {conversation_id!r}; open it first")
+        if open_only and conv.get("state") != "open":
+            raise UnknownConversation(f"conversation {conversation_id!r} is {conv.get('state')}")
+        return conv
+
+    def _enqueue(self, conversation_id: str, entry: dict[str, Any], record: dict[str, Any],
+                 blob: bytes | None = None) -> str:
+        uid = entry["utterance_id"]
+        entry["enqueued_at"] = round(time.time(), 6)
+        record = {"id": uid, "conversation_id": conversation_id, "inference_id": entry["inference_id"], **record}
+        with _backend():
+            seq, _created = self.store.enqueue(conversation_id, entry, record, blob, self.settings.blob_ttl_s)
+            if seq == -1:
+                self._conversation(conversation_id)  # raises the precise reason
+                raise UnknownConversation(f"conversation {conversation_id!r} is not open")
+            if seq == -2:
+                raise InvalidInput(f"inference_id {entry['inference_id']!r} is already used by another utterance")
+            self.app.send_task(keys.TASK_DRAIN, args=[conversation_id], queue=keys.conv_queue(conversation_id))
+        return uid
+
+    def _read_audio(self, audio_in: str | os.PathLike[str] | bytes) -> bytes:
+        limit = self.settings.max_audio_bytes
+        if isinstance(audio_in, bytes | bytearray):
+            data = bytes(audio_in)
+        elif isinstance(audio_in, str) and audio_in.startswith(("http://", "https://")):
+            data = self._fetch(audio_in, limit)
+        else:
+            path = Path(audio_in)
+            if not path.is_file():
+                raise AudioError(f"no such audio file: {path}")
+            if path.stat().st_size > limit:
+                raise AudioError(f"audio file is {path.stat().st_size} bytes, over the limit of {limit}")
+            data = path.read_bytes()
+        if not data:
+            raise AudioError("audio is empty (0 bytes)")
+        if len(data) > limit:
+            raise AudioError(f"audio is {len(data)} bytes, over the limit of {limit}")
+        return data
+
+    def _fetch(self, url: str, limit: int) -> bytes:
+        try:
+            with requests.get(url, stream=True, timeout=self.settings.fetch_timeout_s) as resp:
+                if resp.status_code != 200:
+                    raise AudioError(f"fetching audio from {url} answered HTTP {resp.status_code}")
+                body = bytearray()
+                for piece in resp.iter_content(64 * 1024):
+                    body += piece
+                    if len(body) > limit:
+                        raise AudioError(f"audio at {url} is over the limit of {limit} bytes")
+                return bytes(body)
+        except requests.RequestException as exc:
+            raise AudioError(f"could not fetch audio from {url}: {type(exc).__name__}") from exc
+
+
+def _check_id(conversation_id: str) -> None:
+    if not isinstance(conversation_id, str) or not keys.CONVERSATION_ID_RE.match(conversation_id):
+        raise InvalidInput(f"conversation id must be 1-128 letters, digits, '.', '_' or '-', not {conversation_id!r}")
+
+
+def _check_utterance_ids(uid: str, inference_id: str) -> None:
+    for name, value in (("utterance id", uid), ("inference_id", inference_id)):
+        if not keys.UTTERANCE_ID_RE.match(value):
+            raise InvalidInput(f"{name} must be 1-200 letters, digits, '.', '_', ':' or '-', not {value!r}")
+
+
+class _backend:
+    """Maps Redis connection failures to :class:`BackendUnavailable` with a clear message."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
+        if exc is not None and not isinstance(exc, EchoqError | redis.RedisError):
+            from kombu.exceptions import OperationalError
+
+            if isinstance(exc, OperationalError):
+                raise BackendUnavailable(f"the Celery broker is unreachable: {exc}") from exc
+        return False
+
+
+__all__ = ["EchoqClient", "FINAL_STATES", "DELIVERED_STATES", "TextTooLong"]

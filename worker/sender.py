@@ -1,0 +1,293 @@
+"""The ordered sender of one conversation: log entries after the cursor, one message at a time.
+
+For each entry: claim it (queued -> sending), turn it into echo messages (text: one message;
+audio: decode -> resample -> chunk, streamed, ``done`` on the last chunk), send each and move the
+cursor after each acknowledged send. Before every message it looks at the conversation's
+interrupt generation, so an interrupt stops the utterance within one message.
+
+Transient send errors are retried here with bounded exponential backoff and jitter; a lost room
+is rejoined and the message sent again. Permanent errors fail the utterance and the sender goes
+on with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import audio, chunks, echo, metrics
+from .errors import (
+    EchoqError,
+    JoinFailed,
+    MessageTooLarge,
+    PermanentError,
+    RetryableError,
+    RoomDisconnected,
+)
+from .logs import ms_since, step
+from .settings import Settings
+from .store import Store
+from .transports import Transport
+
+log = logging.getLogger("echoq.sender")
+
+Progress = Callable[[str, int, int | None], None]
+
+
+class LeaseLost(EchoqError):
+    """Another worker owns the conversation now; stop at once."""
+
+
+class Interrupted(Exception):
+    """The conversation was interrupted while an utterance was being sent."""
+
+
+class SendExhausted(RetryableError):
+    """A message could not be sent within the retry budget; the drain is tried again later."""
+
+
+class Pacer:
+    """Spaces messages: burst (optionally capped in messages per second) or audio real time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.realtime = settings.pacing == "realtime"
+        self.min_gap = 1.0 / settings.max_messages_per_second if settings.max_messages_per_second else 0.0
+        self._last = 0.0
+        self._t0 = 0.0
+        self._audio_s = 0.0
+
+    def start_utterance(self) -> None:
+        self._t0 = time.monotonic()
+        self._audio_s = 0.0
+
+    def wait(self, audio_seconds: float, wake: threading.Event) -> None:
+        now = time.monotonic()
+        due = self._last + self.min_gap
+        if self.realtime:
+            # stay about one chunk ahead of playback so the replica's buffer never runs dry
+            due = max(due, self._t0 + self._audio_s - audio_seconds)
+        if due > now:
+            wake.wait(due - now)
+        self._audio_s += audio_seconds
+        self._last = time.monotonic()
+
+
+class Sender:
+    """Sends one conversation's log into its room. Used by one thread at a time."""
+
+    def __init__(
+        self,
+        conversation_id: str,
+        *,
+        store: Store,
+        transport: Transport,
+        settings: Settings,
+        token: str,
+        wake: threading.Event,
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.cid = conversation_id
+        self.store = store
+        self.transport = transport
+        self.settings = settings
+        self.token = token
+        self.wake = wake
+        self.stopping = stopping
+        self.pacer = Pacer(settings)
+        self.chunk_ms = settings.chunk_ms
+        self.gen = store.cursor(conversation_id).gen
+
+    # the loop ------------------------------------------------------------------------------
+
+    def drain(self, progress: Progress | None = None) -> int:
+        """Send every entry after the cursor; returns how many entries were handled."""
+        handled = 0
+        while not self.stopping():
+            cur = self.store.cursor(self.cid)
+            gen, upto = self.store.interrupt_state(self.cid)
+            if gen > cur.gen:
+                self._finish_interrupt(gen, upto, cur.seq)
+                continue
+            entries = self.store.entries_after(self.cid, cur.seq, count=32)
+            if not entries:
+                return handled
+            for entry in entries:
+                if self.stopping():
+                    return handled
+                first_chunk = cur.chunk if entry["seq"] == cur.seq + 1 else 0
+                try:
+                    self._send_entry(entry, first_chunk, progress)
+                except Interrupted:
+                    break
+                handled += 1
+        return handled
+
+    def _finish_interrupt(self, gen: int, upto: int, done_seq: int) -> None:
+        """Send ``conversation.interrupt`` and move the cursor past everything it covers."""
+        t0 = time.monotonic()
+        # an utterance cut mid-way (here, or by a worker that died) is interrupted, not pending
+        for entry in self.store.entries_after(self.cid, done_seq, count=1):
+            if entry["seq"] <= upto:
+                rec = self.store.utterance(entry["utterance_id"]) or {}
+                if rec.get("state") == "sending":
+                    self._mark_interrupted(entry)
+        self._send(echo.interrupt(self.cid), kind="interrupt")
+        if self.store.advance(self.cid, self.token, max(done_seq, upto), 0, gen) is None:
+            raise LeaseLost(f"lease on {self.cid} lost")
+        self.gen = gen
+        self.store.add_event(self.cid, {"type": "interrupt.sent", "upto": upto})
+        step(log, "interrupt.sent", conversation=self.cid, upto=upto, ms=ms_since(t0))
+
+    def _mark_interrupted(self, entry: dict[str, Any]) -> None:
+        uid, seq = entry["utterance_id"], entry["seq"]
+        self.store.update_utterance(uid, state="interrupted", finished_at=f"{time.time():.6f}")
+        self.store.add_event(self.cid, {"type": "utterance.interrupted", "utterance_id": uid, "seq": seq})
+        metrics.utterance_finished("interrupted")
+        step(log, "utterance.interrupted", conversation=self.cid, utterance=uid, seq=seq)
+
+    # one entry -----------------------------------------------------------------------------
+
+    def _send_entry(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> None:
+        uid = entry["utterance_id"]
+        seq = int(entry["seq"])
+        claim = self.store.start_utterance(uid)
+        if claim == 0:  # cancelled (or already final) while it waited: skip it
+            self._advance(seq, 0)
+            return
+        t0 = time.monotonic()
+        step(log, "utterance.started", conversation=self.cid, utterance=uid, seq=seq, kind=entry["kind"],
+             resume_chunk=first_chunk or None)
+        self.store.add_event(self.cid, {"type": "utterance.sending", "utterance_id": uid, "seq": seq})
+        try:
+            if entry["kind"] == "text":
+                sent = self._send_text(entry)
+            else:
+                sent = self._send_audio(entry, first_chunk, progress)
+        except Interrupted:
+            self._mark_interrupted(entry)
+            raise
+        except PermanentError as exc:
+            self._advance(seq, 0)
+            self.store.update_utterance(uid, state="failed", error=str(exc), finished_at=f"{time.time():.6f}")
+            self.store.add_event(self.cid, {"type": "utterance.failed", "utterance_id": uid, "seq": seq, "error": str(exc)})
+            metrics.utterance_finished("failed")
+            step(log, "utterance.failed", logging.WARNING, conversation=self.cid, utterance=uid, seq=seq, reason=str(exc))
+            return
+        self.store.update_utterance(uid, state="sent", chunks_sent=sent, chunks_total=sent, sent_at=f"{time.time():.6f}")
+        self.store.add_event(self.cid, {"type": "utterance.sent", "utterance_id": uid, "seq": seq, "messages": sent})
+        self.store.drop_blob(uid)
+        metrics.utterance_finished("sent")
+        step(log, "utterance.sent", conversation=self.cid, utterance=uid, seq=seq, messages=sent, ms=ms_since(t0))
+
+    def _send_text(self, entry: dict[str, Any]) -> int:
+        message = echo.text_echo(self.cid, entry["text"], entry["inference_id"], max_bytes=self.settings.max_message_bytes)
+        self._check_interrupt()
+        self._send(message, kind="text", entry=entry)
+        self._advance(int(entry["seq"]), 0)
+        return 1
+
+    def _pcm_chunks(self, entry: dict[str, Any]) -> Iterator[bytes]:
+        data = self.store.blob(entry["utterance_id"])
+        if data is None:
+            raise PermanentError("the audio blob has expired or is missing; enqueue the audio again")
+        rate = int(entry["sample_rate"])
+        pcm = audio.pcm_stream(
+            data,
+            target_rate=rate,
+            format=entry.get("format"),
+            source_rate=entry.get("source_rate"),
+            channels=int(entry.get("channels") or 1),
+            max_bytes=self.settings.max_audio_bytes,
+            max_seconds=self.settings.max_audio_seconds,
+        )
+        return chunks.rechunk(pcm, chunks.chunk_bytes(rate, self.chunk_ms))
+
+    def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
+        uid, seq, rate = entry["utterance_id"], int(entry["seq"]), int(entry["sample_rate"])
+        total = entry.get("chunks_estimate")
+        self.pacer.start_utterance()
+        index = -1
+        stream = self._pcm_chunks(entry)
+        try:
+            for index, (pcm, last) in enumerate(chunks.mark_last(stream)):
+                if index < first_chunk:  # sent before a crash; the cursor says where to go on
+                    continue
+                if index == first_chunk:  # later chunks learn of interrupts from each cursor move
+                    self._check_interrupt()
+                message = echo.audio_echo(self.cid, pcm, rate, entry["inference_id"], last,
+                                          max_bytes=self.settings.max_message_bytes)
+                self.pacer.wait(len(pcm) / (2 * rate), self.wake)
+                self._send(message, kind="audio", entry=entry)
+                if last:
+                    self._advance(seq, 0)
+                else:
+                    self._advance(seq - 1, index + 1)
+                if progress is not None:
+                    progress(uid, index + 1, total if not last else index + 1)
+                if index % 25 == 0:
+                    self.store.update_utterance(uid, chunks_sent=index + 1)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if index < 0:
+            raise PermanentError("the audio has no samples")
+        return index + 1
+
+    # one message ---------------------------------------------------------------------------
+
+    def _check_interrupt(self) -> None:
+        gen, _upto = self.store.interrupt_state(self.cid)
+        if gen > self.gen:
+            raise Interrupted()
+
+    def _advance(self, seq: int, chunk: int) -> None:
+        gen = self.store.advance(self.cid, self.token, seq, chunk)
+        if gen is None:
+            raise LeaseLost(f"lease on conversation {self.cid} lost")
+        if gen > self.gen and chunk:
+            raise Interrupted()
+
+    def _send(self, message: dict[str, Any], *, kind: str, entry: dict[str, Any] | None = None) -> None:
+        """Send one message with retries; rejoin the room when the connection is gone."""
+        s = self.settings
+        for attempt in range(s.retry_max_attempts):
+            t0 = time.monotonic()
+            try:
+                if not self.transport.connected:
+                    self.transport.rejoin(s.join_timeout_s)
+                    step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
+                self.transport.send(message)
+            except MessageTooLarge:
+                raise
+            except (RoomDisconnected, JoinFailed) as exc:
+                self._backoff(attempt, type(exc).__name__, exc)
+                continue
+            except RetryableError as exc:
+                self._backoff(attempt, type(exc).__name__, exc)
+                continue
+            elapsed = time.monotonic() - t0
+            metrics.message_sent(kind, elapsed)
+            if entry is not None and not entry.get("_first_sent"):
+                entry["_first_sent"] = True
+                enqueued = float(entry.get("enqueued_at") or 0)
+                if enqueued:
+                    metrics.first_message(max(0.0, time.time() - enqueued))
+            return
+        raise SendExhausted(f"gave up on a {kind} message to {self.cid} after {s.retry_max_attempts} attempts")
+
+    def _backoff(self, attempt: int, reason: str, exc: Exception) -> None:
+        metrics.send_retry(reason)
+        s = self.settings
+        cap = min(s.retry_max_delay_s, s.retry_base_delay_s * (2**attempt))
+        delay = cap / 2 + random.uniform(0, cap / 2)
+        step(log, "send.retry", logging.WARNING, conversation=self.cid, attempt=attempt + 1, reason=reason,
+             detail=str(exc), delay_ms=delay * 1000)
+        if self.wake.wait(delay):
+            self.wake.clear()
+        if self.stopping():
+            raise SendExhausted(f"stopping while retrying a send to {self.cid}")

@@ -1,0 +1,338 @@
+"""Room sessions held by one worker process, and the supervisor that keeps them honest.
+
+A worker owns a conversation while it holds its lease (``SET NX PX`` in Redis). While it does,
+it consumes the conversation's queue, renews the lease, and drains the log whenever there is a
+backlog and nobody is draining (so a lost doorbell only delays, never loses). A worker that
+finds its lease gone stops consuming and leaves. Conversations whose lease has expired (their
+owner died) are adopted by any worker with room for more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from . import echo, keys, metrics
+from .errors import EchoqError, PermanentError
+from .logs import ms_since, step
+from .sender import LeaseLost, Progress, Sender
+from .settings import Settings
+from .store import Store
+from .transports import Transport, open_transport
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger("echoq.sessions")
+
+SPEAKING_STARTED = {echo.STARTED_SPEAKING, "conversation.started_speaking"}
+SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
+
+
+class Session:
+    """One conversation's room connection and its ordered sender."""
+
+    def __init__(self, manager: SessionManager, conversation_id: str, url: str, mode: str, token: str,
+                 transport: Transport) -> None:
+        self.manager = manager
+        self.cid = conversation_id
+        self.url = url
+        self.mode = mode
+        self.token = token
+        self.transport = transport
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.pending = threading.Event()
+        self.draining = False
+        self.replica_ready = False
+        self.stopped = False
+        self.renewed_at = time.monotonic()
+        self.sender = Sender(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
+                             token=token, wake=self.wake, stopping=lambda: self.stopped)
+
+    def drain(self, progress: Progress | None = None) -> int:
+        """Send the backlog. Only one thread sends; a second caller leaves a note and returns."""
+        handled = 0
+        while True:
+            if not self.lock.acquire(blocking=False):
+                self.pending.set()  # the thread that holds the lock looks at this before it lets go
+                return handled
+            try:
+                self.draining = True
+                self.pending.clear()
+                if not self.replica_ready:
+                    self.transport.wait_for_replica(self.manager.settings.replica_wait_timeout_s)
+                    self.replica_ready = True
+                handled += self.sender.drain(progress)
+            finally:
+                self.draining = False
+                self.lock.release()
+            if self.stopped or not self.pending.is_set():
+                return handled
+
+    def stop(self) -> None:
+        """Finish the message in flight, then stop sending (the utterance resumes elsewhere)."""
+        self.stopped = True
+        self.wake.set()
+
+
+class SessionManager:
+    """The sessions of this worker process, their leases and their room events."""
+
+    def __init__(self, app: Celery, settings: Settings, client: redis.Redis, hostname: str | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.redis = client
+        self.store = Store(client)
+        self.hostname = hostname or f"echoq-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._adopting: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
+        self._threads: list[threading.Thread] = []
+        self.shutting_down = False
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._supervise, "echoq-supervisor"), (self._handle_events, "echoq-room-events")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        step(log, "worker.started", worker=self.hostname, max_sessions=self.settings.max_sessions)
+
+    def begin_shutdown(self) -> None:
+        """Warm shutdown has begun: every sender finishes its current utterance, then stops."""
+        self.shutting_down = True
+        for session in list(self.sessions.values()):
+            session.stop()
+
+    def shutdown(self) -> None:
+        """Hand every conversation back (release leases) and leave every room."""
+        self.begin_shutdown()
+        self._stop.set()
+        for cid in list(self.sessions):
+            self.drop(cid, "worker shutdown")
+        self._events.put(None)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.redis.hdel(keys.WORKERS, self.hostname)
+        step(log, "worker.stopped", worker=self.hostname)
+
+    # ownership -----------------------------------------------------------------------------
+
+    def get(self, conversation_id: str) -> Session | None:
+        return self.sessions.get(conversation_id)
+
+    def adopt(self, conversation_id: str) -> Session | None:
+        """Take the conversation if it is free and this worker has room; join its room."""
+        with self._lock:
+            if conversation_id in self.sessions:
+                return self.sessions[conversation_id]
+            if (self.shutting_down or conversation_id in self._adopting
+                    or len(self.sessions) + len(self._adopting) >= self.settings.max_sessions):
+                return None
+            self._adopting.add(conversation_id)
+        try:
+            return self._adopt(conversation_id)
+        finally:
+            with self._lock:
+                self._adopting.discard(conversation_id)
+
+    def _adopt(self, cid: str) -> Session | None:
+        conv = self.store.conversation(cid)
+        if not conv or conv.get("state") == "closed":
+            return None
+        token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
+        if not self.store.take_lease(cid, token, self.settings.lease_ttl_s):
+            return None
+        t0 = time.monotonic()
+        step(log, "conversation.taken", conversation=cid, worker=self.hostname)
+        transport: Transport | None = None
+        try:
+            transport = open_transport(conv["url"], redis_client=self.redis, settings=self.settings,
+                                       on_event=lambda ev: self._events.put((cid, ev)))
+            transport.join(self.settings.join_timeout_s)
+        except Exception as exc:
+            if not isinstance(exc, EchoqError):
+                log.exception("joining %s failed", cid)
+            if transport is not None:
+                transport.leave()
+            self.store.release_lease(cid, token)
+            self._note_failure(cid, exc)
+            return None
+        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport)
+        with self._lock:
+            self.sessions[cid] = session
+        self._failures.pop(cid, None)
+        self.store.set_conversation_fields(cid, owner=self.hostname, joined_at=f"{time.time():.6f}", last_error="")
+        self.store.add_event(cid, {"type": "conversation.joined", "worker": self.hostname})
+        step(log, "room.joined", conversation=cid, worker=self.hostname, ms=ms_since(t0))
+        self.app.control.add_consumer(keys.conv_queue(cid), destination=[self.hostname])
+        metrics.sessions_held(len(self.sessions))
+        self.ring(cid)
+        return session
+
+    def _note_failure(self, cid: str, exc: Exception) -> None:
+        n = self._failures.get(cid, 0) + 1
+        self._failures[cid] = n
+        self._retry_at[cid] = time.monotonic() + min(60.0, 0.5 * 2**n)
+        self.store.set_conversation_fields(cid, last_error=str(exc))
+        self.store.add_event(cid, {"type": "conversation.join_failed", "error": str(exc)})
+        step(log, "room.join_failed", logging.WARNING, conversation=cid, attempt=n, reason=str(exc))
+
+    def drop(self, cid: str, reason: str, *, release: bool = True) -> None:
+        """Stop sending, stop consuming, leave the room, hand the lease back."""
+        with self._lock:
+            session = self.sessions.pop(cid, None)
+        if session is None:
+            return
+        session.stop()
+        try:
+            self.app.control.cancel_consumer(keys.conv_queue(cid), destination=[self.hostname])
+        except Exception as exc:  # the broker may be gone at shutdown; the lease still expires
+            log.warning("cancel_consumer for %s failed: %s", cid, exc)
+        # wait for the sender to finish its message in flight before leaving the room
+        if session.lock.acquire(timeout=self.settings.send_timeout_s * 2):
+            session.lock.release()
+        session.transport.leave()
+        if release:
+            self.store.release_lease(cid, session.token)
+        metrics.sessions_held(len(self.sessions))
+        metrics.forget_conversation(cid)
+        step(log, "room.left", conversation=cid, worker=self.hostname, reason=reason)
+
+    def ring(self, cid: str) -> None:
+        """Ring the conversation's doorbell: its owner drains the log."""
+        self.app.send_task(keys.TASK_DRAIN, args=[cid], queue=keys.conv_queue(cid))
+
+    def drain(self, cid: str, progress: Progress | None = None) -> int:
+        """Drain as the owner; adopt first when nobody owns the conversation."""
+        session = self.get(cid) or self.adopt(cid)
+        if session is None:
+            return 0
+        try:
+            return session.drain(progress)
+        except LeaseLost:
+            self.drop(cid, "lease lost", release=False)
+            return 0
+
+    def close(self, cid: str) -> None:
+        """Send what is left, then leave and mark the conversation closed."""
+        if self.store.backlog(cid):
+            self.drain(cid)
+        if self.store.backlog(cid) == 0:
+            self.drop(cid, "closed")
+            self.store.mark_closed(cid)
+
+    # the supervisor ------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(self.settings.scan_interval_s):
+            try:
+                self._tick()
+            except redis.RedisError as exc:
+                log.warning("supervisor: redis unavailable: %s", exc)
+            except Exception:
+                log.exception("supervisor tick failed")
+
+    def _tick(self) -> None:
+        s = self.settings
+        now = time.monotonic()
+        for cid, session in list(self.sessions.items()):
+            if now - session.renewed_at >= s.lease_ttl_s / 3:
+                if not self.store.renew_lease(cid, session.token, s.lease_ttl_s):
+                    step(log, "lease.lost", logging.WARNING, conversation=cid, worker=self.hostname)
+                    self.drop(cid, "lease lost", release=False)
+                    continue
+                session.renewed_at = now
+            backlog = self.store.backlog(cid)
+            metrics.backlog(cid, backlog)
+            conv = self.store.conversation(cid) or {}
+            if conv.get("state") == "closing" and backlog == 0 and not session.draining:
+                self.drop(cid, "closed")
+                self.store.mark_closed(cid)
+            elif backlog and not session.draining and not self.shutting_down:
+                self.ring(cid)
+        self.redis.hset(keys.WORKERS, self.hostname, json.dumps(
+            {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": s.max_sessions}))
+        if self.shutting_down or len(self.sessions) >= s.max_sessions:
+            return
+        for cid in self.store.open_conversations():
+            if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
+                continue
+            if self.store.lease_owner(cid) is None:
+                self._pool.submit(self.adopt, cid)
+
+    # room events ---------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            cid, event = item
+            try:
+                self._on_room_event(cid, event)
+            except Exception:
+                log.exception("room event from %s not recorded", cid)
+
+    def _on_room_event(self, cid: str, event: dict[str, Any]) -> None:
+        etype = event.get("event_type")
+        props = event.get("properties") or {}
+        if not isinstance(props, dict):
+            props = {}
+        role = props.get("role")
+        if role not in (None, "replica"):
+            return
+        inference_id = event.get("inference_id") or props.get("inference_id")
+        uid = self.store.utterance_for_inference(inference_id) if inference_id else None
+        record: dict[str, Any] = {"type": f"replica.{str(etype).rsplit('.', 1)[-1]}", "inference_id": inference_id,
+                                  "utterance_id": uid, "seq": event.get("seq")}
+        if etype in SPEAKING_STARTED and uid:
+            self.store.update_utterance(uid, spoken_started_at=f"{time.time():.6f}")
+        elif etype in SPEAKING_STOPPED and uid:
+            interrupted = bool(props.get("interrupted"))
+            record.update(duration=props.get("duration"), interrupted=interrupted)
+            rec = self.store.utterance(uid) or {}
+            fields: dict[str, Any] = {"spoken_at": f"{time.time():.6f}", "duration": props.get("duration")}
+            if rec.get("state") == "sent":
+                fields["state"] = "interrupted" if interrupted else "spoken"
+                metrics.utterance_finished(fields["state"])
+            self.store.update_utterance(uid, **fields)
+            step(log, "utterance.spoken", conversation=cid, utterance=uid, duration=props.get("duration"),
+                 interrupted=interrupted)
+        elif etype not in SPEAKING_STARTED | SPEAKING_STOPPED:
+            record["event_type"] = etype
+        self.store.add_event(cid, record)
+
+
+_manager: SessionManager | None = None
+
+
+def manager() -> SessionManager:
+    """This process's session manager (created when the worker is ready)."""
+    if _manager is None:
+        raise PermanentError("no session manager in this process: sessions live in `echoq worker` processes")
+    return _manager
+
+
+def install(factory: Callable[[], SessionManager]) -> SessionManager:
+    global _manager
+    if _manager is None:
+        _manager = factory()
+        _manager.start()
+    return _manager

@@ -1,0 +1,283 @@
+"""The truth about every conversation, in Redis: the log, the cursor, utterance records, leases.
+
+Each conversation has an append-only log whose entry ``seq`` (1, 2, …) is assigned atomically
+at enqueue, and a cursor: the last fully handled ``seq`` and the next chunk of the entry after
+it. Celery messages only ring the bell; whoever holds the conversation's lease sends every
+entry after the cursor, in order, and moves the cursor after each acknowledged message. Cursor
+moves are fenced by the lease token, so a worker that lost its lease cannot move it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import keys
+
+FINAL_STATES = ("sent", "spoken", "interrupted", "cancelled", "failed")
+#: states after which ``--wait`` returns: the room has everything (or never will)
+DELIVERED_STATES = ("sent", "spoken", "interrupted", "cancelled", "failed")
+EVENTS_MAXLEN = 10_000
+
+# KEYS: conversation, log, utterance, blob, inference, conversations
+# ARGV: entry json (without seq), utterance id, blob bytes or "", blob ttl, inference id, now, record json
+_ENQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return {-1, 0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {tonumber(redis.call('HGET', KEYS[3], 'seq')), 0}
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {-2, 0} end
+local seq = redis.call('LLEN', KEYS[2]) + 1
+local entry = cjson.decode(ARGV[1])
+entry['seq'] = seq
+redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3], 'EX', tonumber(ARGV[4])) end
+local rec = cjson.decode(ARGV[7])
+for k, v in pairs(rec) do redis.call('HSET', KEYS[3], k, tostring(v)) end
+redis.call('HSET', KEYS[3], 'seq', seq, 'state', 'queued', 'enqueued_at', ARGV[6])
+redis.call('SET', KEYS[5], ARGV[2])
+return {seq, 1}
+"""
+
+# KEYS: conversation, log, cursor, events ; ARGV: now
+# Cancels every queued entry after the cursor and bumps the interrupt generation.
+_INTERRUPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local upto = redis.call('LLEN', KEYS[2])
+local done = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
+local cancelled = 0
+for i = done, upto - 1 do
+  local entry = cjson.decode(redis.call('LINDEX', KEYS[2], i))
+  local ukey = 'echoq:utt:' .. entry['utterance_id']
+  if redis.call('HGET', ukey, 'state') == 'queued' then
+    redis.call('HSET', ukey, 'state', 'cancelled', 'finished_at', ARGV[1], 'error', 'cancelled by interrupt')
+    cancelled = cancelled + 1
+  end
+end
+redis.call('HSET', KEYS[1], 'interrupt_upto', upto)
+local gen = redis.call('HINCRBY', KEYS[1], 'interrupt_gen', 1)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'data',
+  cjson.encode({type='interrupt.requested', upto=upto, cancelled=cancelled, ts=tonumber(ARGV[1])}))
+return {gen, cancelled}
+"""
+
+# KEYS: lease, cursor, conversation ; ARGV: token, seq, chunk, gen-or-""
+# Moves the cursor if the caller still holds the lease; returns {1, interrupt_gen} or {0, 0}.
+_ADVANCE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0} end
+redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'chunk', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'gen', ARGV[4]) end
+return {1, tonumber(redis.call('HGET', KEYS[3], 'interrupt_gen') or '0')}
+"""
+
+# KEYS: utterance ; ARGV: now — queued (or a resumed sending) -> sending; 0 when cancelled meanwhile
+_START = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'sending', 'started_at', ARGV[1])
+  return 1
+end
+if s == 'sending' then return 2 end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    seq: int
+    chunk: int
+    gen: int
+
+
+class Store:
+    """Conversation logs, cursors, utterance records and leases on one Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._interrupt = client.register_script(_INTERRUPT)
+        self._advance = client.register_script(_ADVANCE)
+        self._start = client.register_script(_START)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    # conversations -------------------------------------------------------------------------
+
+    def open_conversation(self, conversation_id: str, url: str, mode: str = "echo") -> dict[str, str]:
+        key = keys.conversation(conversation_id)
+        now = f"{time.time():.6f}"
+        pipe = self.r.pipeline()
+        pipe.hsetnx(key, "created_at", now)
+        pipe.hset(key, mapping={"id": conversation_id, "url": url, "mode": mode, "state": "open", "opened_at": now})
+        pipe.hdel(key, "closed_at")
+        pipe.sadd(keys.CONVERSATIONS, conversation_id)
+        pipe.execute()
+        return self.conversation(conversation_id) or {}
+
+    def close_conversation(self, conversation_id: str) -> bool:
+        key = keys.conversation(conversation_id)
+        if not self.r.exists(key):
+            return False
+        self.r.hset(key, mapping={"state": "closing"})
+        self.add_event(conversation_id, {"type": "conversation.closing"})
+        return True
+
+    def mark_closed(self, conversation_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(keys.conversation(conversation_id), mapping={"state": "closed", "closed_at": f"{time.time():.6f}"})
+        pipe.srem(keys.CONVERSATIONS, conversation_id)
+        pipe.execute()
+        self.add_event(conversation_id, {"type": "conversation.closed"})
+
+    def conversation(self, conversation_id: str) -> dict[str, str] | None:
+        raw = self.r.hgetall(keys.conversation(conversation_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def open_conversations(self) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(keys.CONVERSATIONS))
+
+    def set_conversation_fields(self, conversation_id: str, **fields: Any) -> None:
+        self.r.hset(keys.conversation(conversation_id), mapping={k: str(v) for k, v in fields.items()})
+
+    # log -----------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        conversation_id: str,
+        entry: dict[str, Any],
+        record: dict[str, Any],
+        blob: bytes | None = None,
+        blob_ttl: int = 86400,
+    ) -> tuple[int, bool]:
+        """Append ``entry`` to the log. Returns ``(seq, created)``.
+
+        Idempotent on the utterance id: enqueuing the same id again returns its seq and adds
+        nothing. ``seq`` is -1 when the conversation is not open, -2 when the inference id is
+        already taken by another utterance.
+        """
+        uid = entry["utterance_id"]
+        inference_id = entry["inference_id"]
+        res = self._enqueue(
+            keys=[
+                keys.conversation(conversation_id),
+                keys.conv_log(conversation_id),
+                keys.utterance(uid),
+                keys.blob(uid),
+                keys.inference(inference_id),
+            ],
+            args=[json.dumps(entry), uid, blob or b"", blob_ttl, inference_id, f"{time.time():.6f}", json.dumps(record)],
+        )
+        return int(res[0]), bool(res[1])
+
+    def log_length(self, conversation_id: str) -> int:
+        return int(self.r.llen(keys.conv_log(conversation_id)))
+
+    def entries_after(self, conversation_id: str, seq: int, count: int = 64) -> list[dict[str, Any]]:
+        raw = self.r.lrange(keys.conv_log(conversation_id), seq, seq + count - 1)
+        return [json.loads(x) for x in raw]
+
+    def backlog(self, conversation_id: str) -> int:
+        return max(0, self.log_length(conversation_id) - self.cursor(conversation_id).seq)
+
+    # cursor --------------------------------------------------------------------------------
+
+    def cursor(self, conversation_id: str) -> Cursor:
+        raw = self.r.hmget(keys.conv_cursor(conversation_id), ["seq", "chunk", "gen"])
+        return Cursor(*(int(x) if x is not None else 0 for x in raw))
+
+    def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None) -> int | None:
+        """Move the cursor; the conversation's interrupt generation, or None when the lease is lost."""
+        ok, current_gen = self._advance(
+            keys=[keys.lease(conversation_id), keys.conv_cursor(conversation_id), keys.conversation(conversation_id)],
+            args=[token, seq, chunk, "" if gen is None else gen],
+        )
+        return int(current_gen) if ok else None
+
+    def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
+        """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""
+        gen, upto = self.r.hmget(keys.conversation(conversation_id), ["interrupt_gen", "interrupt_upto"])
+        return int(gen or 0), int(upto or 0)
+
+    def interrupt(self, conversation_id: str) -> tuple[int, int]:
+        """Cancel every queued entry and ask the owner to stop; ``(generation, cancelled)``."""
+        gen, cancelled = self._interrupt(
+            keys=[
+                keys.conversation(conversation_id),
+                keys.conv_log(conversation_id),
+                keys.conv_cursor(conversation_id),
+                keys.conv_events(conversation_id),
+            ],
+            args=[f"{time.time():.6f}"],
+        )
+        return int(gen), int(cancelled)
+
+    # utterances ----------------------------------------------------------------------------
+
+    def utterance(self, utterance_id: str) -> dict[str, str] | None:
+        raw = self.r.hgetall(keys.utterance(utterance_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def start_utterance(self, utterance_id: str) -> int:
+        """queued -> sending (1), already sending: a resume (2), or 0 when cancelled meanwhile."""
+        return int(self._start(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}"]))
+
+    def update_utterance(self, utterance_id: str, **fields: Any) -> None:
+        self.r.hset(keys.utterance(utterance_id), mapping={k: str(v) for k, v in fields.items() if v is not None})
+
+    def utterance_for_inference(self, inference_id: str) -> str | None:
+        v = self.r.get(keys.inference(inference_id))
+        return v.decode() if v else None
+
+    def blob(self, utterance_id: str) -> bytes | None:
+        v = self.r.get(keys.blob(utterance_id))
+        return bytes(v) if v is not None else None
+
+    def drop_blob(self, utterance_id: str) -> None:
+        self.r.delete(keys.blob(utterance_id))
+
+    # events --------------------------------------------------------------------------------
+
+    def add_event(self, conversation_id: str, event: dict[str, Any]) -> None:
+        event.setdefault("ts", round(time.time(), 6))
+        self.r.xadd(keys.conv_events(conversation_id), {"data": json.dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def events(self, conversation_id: str, after: str = "0-0", count: int = 100, block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+        res = self.r.xread({keys.conv_events(conversation_id): after}, count=count, block=block_ms)
+        out: list[tuple[str, dict[str, Any]]] = []
+        for _stream, entries in res or []:
+            for eid, fields in entries:
+                out.append((eid.decode(), json.loads(fields[b"data"])))
+        return out
+
+    # leases --------------------------------------------------------------------------------
+
+    def take_lease(self, conversation_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self.r.set(keys.lease(conversation_id), token, nx=True, px=int(ttl_s * 1000)))
+
+    def renew_lease(self, conversation_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[keys.lease(conversation_id)], args=[token, int(ttl_s * 1000)]))
+
+    def release_lease(self, conversation_id: str, token: str) -> bool:
+        return bool(self._release(keys=[keys.lease(conversation_id)], args=[token]))
+
+    def lease_owner(self, conversation_id: str) -> str | None:
+        v = self.r.get(keys.lease(conversation_id))
+        return v.decode() if v else None

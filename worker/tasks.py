@@ -1,0 +1,102 @@
+"""Celery tasks: thin, like web views. They parse, call the session manager, and map errors.
+
+Every task is a doorbell or a nudge; the truth is in Redis (see :mod:`worker.store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import signals
+
+from . import keys, metrics
+from .celery_app import app
+from .logs import setup_logging, step
+from .sessions import SessionManager, install, manager
+from .settings import get_settings
+
+log = logging.getLogger("echoq.tasks")
+
+PROGRESS_STATE = "SENDING"
+
+
+@app.task(name=keys.TASK_OPEN, bind=True)
+def open_conversation(self: Any, conversation_id: str) -> dict[str, Any]:
+    """Take a newly opened conversation if this worker has room (any worker may)."""
+    session = manager().adopt(conversation_id)
+    return {"conversation_id": conversation_id, "owner": manager().hostname if session else None}
+
+
+@app.task(name=keys.TASK_DRAIN, bind=True)
+def drain(self: Any, conversation_id: str) -> dict[str, Any]:
+    """Send every utterance of the conversation after its cursor, in order."""
+    last = [0.0]
+
+    def progress(utterance_id: str, sent: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or (total is not None and sent == total):
+            last[0] = now
+            meta = {"conversation_id": conversation_id, "utterance_id": utterance_id, "chunks_sent": sent,
+                    "chunks_total": total}
+            self.update_state(state=PROGRESS_STATE, meta=meta)
+            self.send_event("task-progress", **meta)
+
+    handled = manager().drain(conversation_id, progress if self.request.id else None)
+    return {"conversation_id": conversation_id, "utterances": handled}
+
+
+@app.task(name=keys.TASK_INTERRUPT)
+def interrupt(conversation_id: str) -> dict[str, Any]:
+    """Wake the sender so it sees the interrupt now, and send it when the room is idle."""
+    session = manager().get(conversation_id)
+    if session is not None:
+        session.wake.set()
+    handled = manager().drain(conversation_id)
+    return {"conversation_id": conversation_id, "utterances": handled}
+
+
+@app.task(name=keys.TASK_CLOSE)
+def close(conversation_id: str) -> dict[str, Any]:
+    """Send what is left, leave the room, mark the conversation closed."""
+    manager().close(conversation_id)
+    return {"conversation_id": conversation_id}
+
+
+# worker lifecycle ----------------------------------------------------------------------------
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_json)
+    client = redis.Redis.from_url(settings.redis_url)
+    hostname = getattr(sender, "hostname", None)
+    install(lambda: SessionManager(app, settings, client, hostname))
+    if settings.metrics_port:
+        port = metrics.start_server(settings.metrics_port)
+        step(log, "metrics.serving", port=port)
+
+
+@signals.worker_shutting_down.connect
+def _on_shutting_down(**_: Any) -> None:
+    try:
+        manager().begin_shutdown()
+    except Exception:  # no manager: the worker never became ready
+        pass
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    try:
+        manager().shutdown()
+    except Exception:
+        log.exception("shutdown of sessions failed")
+    try:
+        from .transports import daily
+
+        daily.shutdown_all()
+    except ImportError:
+        pass
