@@ -17,6 +17,11 @@ import redis
 TEST_REDIS_URL = os.environ.get("ECHOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Everything this test process (and every worker it starts) does goes to the test database,
+# never to a database someone uses. Set before any echoq module reads its settings.
+os.environ["ECHOQ_REDIS_URL"] = TEST_REDIS_URL
+os.environ.pop("ECHOQ_BROKER_URL", None)
+
 
 def _redis_or_skip() -> redis.Redis:
     client = redis.Redis.from_url(TEST_REDIS_URL)
