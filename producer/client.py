@@ -108,6 +108,10 @@ class EchoqClient:
         uid = utterance_id or _utterance_id()
         inf = inference_id or uid
         _check_utterance_ids(uid, inf)
+        if self._conversation(conversation_id).get("mode") == "microphone":
+            raise InvalidInput(
+                f"conversation {conversation_id!r} is in microphone mode, which has no text-to-speech; "
+                "send audio with play(), or open it in echo mode")
         # refuses text that cannot fit one message, before anything is written
         echo.text_echo(conversation_id, text, inf, max_bytes=self.settings.max_message_bytes)
         entry = {"utterance_id": uid, "kind": "text", "text": text, "inference_id": inf}

@@ -57,8 +57,13 @@ class Session:
         self.replica_ready = False
         self.stopped = False
         self.renewed_at = time.monotonic()
-        self.sender = Sender(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
-                             token=token, wake=self.wake, stopping=lambda: self.stopped)
+        sender_cls: type[Sender] = Sender
+        if mode == "microphone":
+            from .microphone import MicrophoneSender
+
+            sender_cls = MicrophoneSender
+        self.sender = sender_cls(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
+                                 token=token, wake=self.wake, stopping=lambda: self.stopped)
 
     def drain(self, progress: Progress | None = None) -> int:
         """Send the backlog. Only one thread sends; a second caller leaves a note and returns."""
