@@ -1,0 +1,1 @@
+"""Test doubles: in-memory stand-ins for the services echoq talks to."""
