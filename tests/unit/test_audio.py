@@ -1,0 +1,344 @@
+"""Audio conversion: quality, formats, streaming, limits, cleanup and determinism.
+
+Test audio is made here: numpy writes WAVs, ffmpeg encodes the other formats into tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import wave
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import IO, TypedDict
+
+import numpy as np
+import pytest
+
+from worker import audio
+from worker.errors import AudioError
+
+
+class Limits(TypedDict):
+    max_bytes: int
+    max_seconds: float
+
+
+LIMITS = Limits(max_bytes=50 * 1024 * 1024, max_seconds=600.0)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    """Write int16 samples, shape (n,) or (n, channels), as a WAV."""
+    frames = samples if samples.ndim == 2 else samples[:, np.newaxis]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(frames.shape[1])
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames.astype("<i2").tobytes())
+    return path
+
+
+def tone(freq: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return np.round(amplitude * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+
+
+def samples(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm, "<i2").astype(np.float64) / 32768
+
+
+@cache
+def encoders() -> str:
+    return subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+
+
+def encode(src: Path, dst: Path, codec: str, *extra: str) -> Path:
+    if f" {codec} " not in encoders():
+        pytest.skip(f"this ffmpeg has no {codec} encoder")
+    cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(src), "-c:a", codec, *extra, str(dst)]
+    subprocess.run(cmd, check=True)
+    return dst
+
+
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every ffmpeg process the module starts."""
+    procs: list[subprocess.Popen[bytes]] = []
+    real = audio._spawn
+
+    def spy(args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+        procs.append(real(args, stderr))
+        return procs[-1]
+
+    monkeypatch.setattr(audio, "_spawn", spy)
+    return procs
+
+
+@pytest.fixture
+def tmpdir_for_audio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private temp directory, so a leaked temp file would show."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def assert_reaped(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.returncode is not None, "ffmpeg was not waited for"
+    if os.path.isdir("/proc"):
+        assert not os.path.exists(f"/proc/{proc.pid}"), "ffmpeg is still running or a zombie"
+
+
+# Quality --------------------------------------------------------------------------------------
+
+
+def test_7khz_tone_to_24k_keeps_snr_above_80db(tmp_path: Path) -> None:
+    src = write_wav(tmp_path / "t.wav", tone(7000, 44100, 1.0), 44100)
+    y = samples(audio.convert(src, target_rate=24000, **LIMITS))
+    assert len(y) == 24000
+    y = y[2400:-2400]  # the filter's start and end transients
+    t = (np.arange(len(y)) + 2400) / 24000
+    basis = np.column_stack([np.sin(2 * np.pi * 7000 * t), np.cos(2 * np.pi * 7000 * t)])
+    fit = basis @ np.linalg.lstsq(basis, y, rcond=None)[0]
+    snr = 10 * np.log10(np.sum(fit**2) / np.sum((y - fit) ** 2))
+    assert snr >= 80, f"SNR {snr:.1f} dB"
+    assert abs(np.sqrt(2 * np.mean(fit**2)) - 0.5) < 0.01  # the tone keeps its level
+
+
+def test_10khz_tone_to_16k_is_filtered_not_aliased(tmp_path: Path) -> None:
+    x = tone(10000, 44100, 1.0)
+    src = write_wav(tmp_path / "t.wav", x, 44100)
+    y = samples(audio.convert(src, target_rate=16000, **LIMITS))
+    assert len(y) == 16000
+    rms_in = np.sqrt(np.mean((x / 32768) ** 2))
+    rms_out = max(float(np.sqrt(np.mean(y[1600:-1600] ** 2))), 1e-12)
+    assert 20 * np.log10(rms_in / rms_out) >= 60
+
+
+# Formats ---------------------------------------------------------------------------------------
+
+FORMATS = [
+    ("wav", "pcm_s16le", ()),
+    ("mp3", "libmp3lame", ()),
+    ("ogg", "libvorbis", ()),
+    ("opus", "libopus", ()),
+    ("flac", "flac", ()),
+    ("m4a", "aac", ()),
+    ("aac", "aac", ()),
+    ("webm", "libopus", ()),
+]
+
+
+@pytest.fixture(scope="module")
+def stereo_440(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    left = tone(440, 44100, 1.0, 0.4)
+    return write_wav(tmp_path_factory.mktemp("src") / "s.wav", np.column_stack([left, left]), 44100)
+
+
+@pytest.mark.parametrize(("ext", "codec", "extra"), FORMATS, ids=[f[0] for f in FORMATS])
+def test_each_format_decodes_from_bytes(
+    tmp_path: Path, stereo_440: Path, ext: str, codec: str, extra: tuple[str, ...]
+) -> None:
+    data = encode(stereo_440, tmp_path / f"a.{ext}", codec, *extra).read_bytes()
+    info = audio.probe(data, format=ext, **LIMITS)
+    assert info.channels == 2
+    assert 0.95 < info.duration_s < 1.1
+    y = samples(audio.convert(data, format=ext, target_rate=24000, **LIMITS))
+    assert 0.95 * 24000 < len(y) < 1.1 * 24000  # lossy codecs add a little padding
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert abs(np.argmax(spectrum) * 24000 / len(y) - 440) < 5
+    assert 0.3 < np.max(np.abs(y[2400:-2400])) < 0.5
+
+
+def test_a_path_works_like_bytes(stereo_440: Path) -> None:
+    from_path = audio.convert(stereo_440, target_rate=16000, **LIMITS)
+    from_str = audio.convert(str(stereo_440), target_rate=16000, **LIMITS)
+    assert from_path == from_str == audio.convert(stereo_440.read_bytes(), target_rate=16000, **LIMITS)
+
+
+def test_stereo_is_the_mean_of_its_channels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    left, right = rng.integers(-32768, 32768, size=(2, 24000), dtype=np.int16)
+    src = write_wav(tmp_path / "st.wav", np.column_stack([left, right]), 24000)
+    out = np.frombuffer(audio.convert(src, target_rate=24000, **LIMITS), "<i2")
+    expected = np.rint((left.astype(np.int64) + right) / 2).astype(np.int16)
+    assert np.array_equal(out, expected)
+    opposite = write_wav(tmp_path / "op.wav", np.column_stack([left, -left.astype(np.int32)]), 24000)
+    assert not np.any(np.frombuffer(audio.convert(opposite, target_rate=24000, **LIMITS), "<i2") > 1)
+
+
+def test_raw_pcm_with_stated_rate(tmp_path: Path) -> None:
+    x = tone(300, 16000, 0.5)
+    raw = x.astype("<i2").tobytes()
+    wav = write_wav(tmp_path / "m.wav", x, 16000)
+    for fmt in ("raw", "pcm", "s16le"):
+        out = audio.convert(raw, format=fmt, source_rate=16000, target_rate=24000, **LIMITS)
+        assert out == audio.convert(wav, target_rate=24000, **LIMITS)  # same samples, same result
+    stereo = np.column_stack([x, x]).astype("<i2").tobytes()
+    (tmp_path / "s.raw").write_bytes(stereo)
+    out = audio.convert(
+        tmp_path / "s.raw", format="raw", source_rate=16000, channels=2, target_rate=16000, **LIMITS
+    )
+    assert out == raw
+    info = audio.probe(stereo, format="raw", source_rate=16000, channels=2, **LIMITS)
+    assert info == audio.AudioInfo(0.5, 16000, 2, "s16le")
+
+
+def test_raw_pcm_needs_a_rate_and_whole_frames() -> None:
+    with pytest.raises(AudioError, match="source_rate"):
+        audio.pcm_stream(b"\0\0", format="raw", target_rate=24000, **LIMITS)
+    with pytest.raises(AudioError, match="whole s16le frames"):
+        audio.convert(b"\0\0\0", format="raw", source_rate=24000, target_rate=24000, **LIMITS)
+
+
+def test_only_16k_and_24k_out() -> None:
+    for rate in (8000, 22050, 44100, 48000):
+        with pytest.raises(ValueError, match="16000 or 24000"):
+            audio.pcm_stream(b"x", target_rate=rate, **LIMITS)
+
+
+# Bad input -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def empty_wav(tmp_path: Path) -> Path:
+    return write_wav(tmp_path / "empty.wav", np.zeros(0, np.int16), 24000)
+
+
+@pytest.fixture
+def one_second(tmp_path: Path) -> Path:
+    return write_wav(tmp_path / "one.wav", tone(440, 24000, 1.0), 24000)
+
+
+def rejected(source: object, match: str, **kw: object) -> None:
+    args = {**LIMITS, **kw}
+    with pytest.raises(AudioError, match=match):
+        audio.probe(source, **args)  # type: ignore[arg-type]
+    with pytest.raises(AudioError, match=match):
+        audio.convert(source, target_rate=24000, **args)  # type: ignore[arg-type]
+
+
+def test_unreadable_input_is_refused(tmp_path: Path) -> None:
+    rejected(b"this is not audio at all" * 40, "unreadable")
+    rejected(tmp_path / "missing.mp3", "unreadable")
+    rejected(b"", "empty")
+
+
+def test_a_picture_is_not_audio(tmp_path: Path) -> None:
+    png = tmp_path / "p.png"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16", "-frames:v", "1", str(png)],
+        check=True,
+    )
+    rejected(png, "not audio")
+
+
+def test_zero_samples_is_empty(empty_wav: Path) -> None:
+    rejected(empty_wav, "empty")
+    rejected(empty_wav.read_bytes(), "empty")
+    rejected(b"", "empty", format="raw", source_rate=24000)
+    (empty_wav.parent / "zero.mp3").write_bytes(b"")
+    rejected(empty_wav.parent / "zero.mp3", "empty")
+
+
+def test_over_max_bytes(one_second: Path) -> None:
+    rejected(one_second, "too large", max_bytes=1000)
+    rejected(one_second.read_bytes(), "too large", max_bytes=1000)
+    rejected(b"\0" * 2000, "too large", max_bytes=1000, format="raw", source_rate=24000)
+
+
+def test_over_max_seconds(one_second: Path) -> None:
+    rejected(one_second, "longer than", max_seconds=0.5)
+    rejected(b"\0" * 48002, "longer than", max_seconds=1.0, format="raw", source_rate=24000)
+
+
+def test_duration_is_enforced_on_decoded_samples(
+    one_second: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A container without a duration is counted while decoding, by probe and by the stream."""
+    real = audio._probe_file
+    monkeypatch.setattr(audio, "_probe_file", lambda path: (*real(path)[:3], None))
+    assert audio.probe(one_second, **LIMITS).duration_s == 1.0
+    rejected(one_second, "longer than", max_seconds=0.5)
+    assert spawned and all(p.returncode is not None for p in spawned)
+    for proc in spawned:
+        assert_reaped(proc)
+
+
+# Streaming and cleanup -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def five_minutes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("long") / "long.flac"
+    src = "sine=frequency=440:sample_rate=44100:duration=300"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", src, "-c:a", "flac", str(path)], check=True)
+    return path
+
+
+def test_first_block_comes_before_ffmpeg_finishes(
+    five_minutes: Path, spawned: list[subprocess.Popen[bytes]], tmpdir_for_audio: Path
+) -> None:
+    stream = audio.pcm_stream(five_minutes.read_bytes(), format="flac", target_rate=24000, **LIMITS)
+    first = next(stream)
+    assert len(spawned) == 1
+    proc = spawned[0]
+    # Five minutes decode to ~53 MB; the pipe holds 64 KB, so ffmpeg cannot have finished.
+    assert proc.poll() is None
+    assert 0 < len(first) < 300 * 24000 * 2 // 100
+    assert [p.name for p in tmpdir_for_audio.iterdir()][0].startswith("echoq-")
+    stream.close()
+    assert_reaped(proc)
+    assert list(tmpdir_for_audio.iterdir()) == []
+
+
+def test_errors_clean_up_too(
+    one_second: Path, spawned: list[subprocess.Popen[bytes]], tmpdir_for_audio: Path
+) -> None:
+    with pytest.raises(AudioError):
+        audio.convert(b"not audio" * 100, target_rate=24000, **LIMITS)
+    with pytest.raises(AudioError):
+        audio.convert(one_second.read_bytes(), target_rate=24000, max_bytes=10**6, max_seconds=0.5)
+    gen = audio.pcm_stream(one_second.read_bytes(), target_rate=16000, block_bytes=64, **LIMITS)
+    next(gen)
+    del gen  # dropped without close: garbage collection closes it
+    for proc in spawned:
+        assert_reaped(proc)
+    assert list(tmpdir_for_audio.iterdir()) == []
+
+
+# Determinism and passthrough -------------------------------------------------------------------
+
+
+def test_same_input_same_bytes(tmp_path: Path, stereo_440: Path) -> None:
+    mp3 = encode(stereo_440, tmp_path / "d.mp3", "libmp3lame")
+    runs = [
+        audio.convert(mp3, target_rate=24000, block_bytes=b, **LIMITS)
+        for b in (64 * 1024, 64 * 1024, 1000, 333)
+    ]
+    assert all(r == runs[0] for r in runs)
+
+
+def test_mono_at_target_rate_passes_through(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    for rate in (16000, 24000):
+        x = rng.integers(-32768, 32768, size=rate, dtype=np.int16)
+        x[:2] = (-32768, 32767)
+        src = write_wav(tmp_path / f"p{rate}.wav", x, rate)
+        assert audio.convert(src, target_rate=rate, **LIMITS) == x.astype("<i2").tobytes()
+        assert (
+            audio.convert(x.tobytes(), format="raw", source_rate=rate, target_rate=rate, **LIMITS)
+            == x.tobytes()
+        )
+
+
+def _pieces(stream: Iterator[bytes]) -> list[bytes]:
+    return list(stream)
+
+
+def test_pieces_are_whole_samples_and_never_empty(stereo_440: Path) -> None:
+    pieces = _pieces(audio.pcm_stream(stereo_440, target_rate=24000, block_bytes=1000, **LIMITS))
+    assert len(pieces) > 10
+    assert all(p and len(p) % 2 == 0 for p in pieces)
