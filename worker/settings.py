@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     # Wire format
     max_message_bytes: int = Field(default=4096, ge=512, description="Largest app message, compact JSON bytes")
     chunk_ms: int = Field(default=40, ge=10, le=1000, description="Audio per echo message")
-    default_sample_rate: Literal[16000, 24000] = 24000
+    default_sample_rate: int = Field(default=24000, description="16000 or 24000")
 
     # Pacing
     pacing: Literal["burst", "realtime"] = "burst"
@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     # Tavus
     tavus_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("TAVUS_API_KEY", "ECHOQ_TAVUS_API_KEY"))
     tavus_base_url: str = "https://tavusapi.com/v2"
+
+    @field_validator("default_sample_rate")
+    @classmethod
+    def _rate(cls, v: int) -> int:
+        if v not in SAMPLE_RATES:
+            raise ValueError(f"must be 16000 or 24000, not {v}")
+        return v
 
     @field_validator("log_level")
     @classmethod
