@@ -31,7 +31,7 @@ from worker.errors import (
     UnknownConversation,
 )
 from worker.settings import SAMPLE_RATES, Settings, get_settings
-from worker.store import DELIVERED_STATES, FINAL_STATES, Store
+from worker.store import DELIVERED_STATES, FINAL_STATES, Store, text
 from worker.transports import check_url
 
 RAW_FORMATS = ("raw", "pcm", "s16le")
@@ -189,7 +189,7 @@ class EchoqClient:
         """Whether Redis answers, and the workers that reported in the last 30 seconds."""
         try:
             self.redis.ping()
-            raw = self.redis.hgetall(keys.WORKERS)
+            raw: Any = self.redis.hgetall(keys.WORKERS)
         except redis.RedisError as exc:
             return {"redis": False, "error": str(exc), "workers": []}
         now = time.time()
@@ -197,7 +197,7 @@ class EchoqClient:
         for name, beat in raw.items():
             info = json.loads(beat)
             if now - info.get("ts", 0) < 30:
-                workers.append({"name": name.decode(), "sessions": len(info.get("sessions", []))})
+                workers.append({"name": text(name), "sessions": len(info.get("sessions", []))})
         return {"redis": True, "workers": workers}
 
     # internals -----------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class _backend:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None and isinstance(exc, redis.ConnectionError | redis.TimeoutError):
             raise BackendUnavailable(f"Redis is unreachable: {exc}") from exc
         if exc is not None and not isinstance(exc, EchoqError | redis.RedisError):
@@ -286,7 +286,6 @@ class _backend:
 
             if isinstance(exc, OperationalError):
                 raise BackendUnavailable(f"the Celery broker is unreachable: {exc}") from exc
-        return False
 
 
 __all__ = ["EchoqClient", "FINAL_STATES", "DELIVERED_STATES", "TextTooLong"]

@@ -96,6 +96,11 @@ return 0
 """
 
 
+def text(value: Any) -> str:
+    """A Redis reply as ``str`` (this client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class Cursor:
     seq: int
@@ -147,10 +152,10 @@ class Store:
         raw = self.r.hgetall(keys.conversation(conversation_id))
         if not raw:
             return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     def open_conversations(self) -> list[str]:
-        return sorted(m.decode() for m in self.r.smembers(keys.CONVERSATIONS))
+        return sorted(text(m) for m in self.r.smembers(keys.CONVERSATIONS))
 
     def set_conversation_fields(self, conversation_id: str, **fields: Any) -> None:
         self.r.hset(keys.conversation(conversation_id), mapping={k: str(v) for k, v in fields.items()})
@@ -198,7 +203,7 @@ class Store:
     # cursor --------------------------------------------------------------------------------
 
     def cursor(self, conversation_id: str) -> Cursor:
-        raw = self.r.hmget(keys.conv_cursor(conversation_id), ["seq", "chunk", "gen"])
+        raw: Any = self.r.hmget(keys.conv_cursor(conversation_id), ["seq", "chunk", "gen"])
         return Cursor(*(int(x) if x is not None else 0 for x in raw))
 
     def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None) -> int | None:
@@ -211,7 +216,8 @@ class Store:
 
     def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
         """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""
-        gen, upto = self.r.hmget(keys.conversation(conversation_id), ["interrupt_gen", "interrupt_upto"])
+        reply: Any = self.r.hmget(keys.conversation(conversation_id), ["interrupt_gen", "interrupt_upto"])
+        gen, upto = reply
         return int(gen or 0), int(upto or 0)
 
     def interrupt(self, conversation_id: str) -> tuple[int, int]:
@@ -233,7 +239,7 @@ class Store:
         raw = self.r.hgetall(keys.utterance(utterance_id))
         if not raw:
             return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     def start_utterance(self, utterance_id: str) -> int:
         """queued -> sending (1), already sending: a resume (2), or 0 when cancelled meanwhile."""
@@ -244,10 +250,10 @@ class Store:
 
     def utterance_for_inference(self, inference_id: str) -> str | None:
         v = self.r.get(keys.inference(inference_id))
-        return v.decode() if v else None
+        return text(v) if v else None
 
     def blob(self, utterance_id: str) -> bytes | None:
-        v = self.r.get(keys.blob(utterance_id))
+        v: Any = self.r.get(keys.blob(utterance_id))
         return bytes(v) if v is not None else None
 
     def drop_blob(self, utterance_id: str) -> None:
@@ -260,11 +266,11 @@ class Store:
         self.r.xadd(keys.conv_events(conversation_id), {"data": json.dumps(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
 
     def events(self, conversation_id: str, after: str = "0-0", count: int = 100, block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
-        res = self.r.xread({keys.conv_events(conversation_id): after}, count=count, block=block_ms)
+        res: Any = self.r.xread({keys.conv_events(conversation_id): after}, count=count, block=block_ms)
         out: list[tuple[str, dict[str, Any]]] = []
         for _stream, entries in res or []:
             for eid, fields in entries:
-                out.append((eid.decode(), json.loads(fields[b"data"])))
+                out.append((text(eid), json.loads(fields[b"data"])))
         return out
 
     # leases --------------------------------------------------------------------------------
@@ -280,4 +286,4 @@ class Store:
 
     def lease_owner(self, conversation_id: str) -> str | None:
         v = self.r.get(keys.lease(conversation_id))
-        return v.decode() if v else None
+        return text(v) if v else None

@@ -5,6 +5,7 @@ Every task is a doorbell or a nudge; the truth is in Redis (see :mod:`worker.sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from celery import signals
 
 from . import keys, metrics
 from .celery_app import app
+from .errors import PermanentError
 from .logs import setup_logging, step
 from .sessions import SessionManager, install, manager
 from .settings import get_settings
@@ -82,10 +84,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _on_shutting_down(**_: Any) -> None:
-    try:
+    with contextlib.suppress(PermanentError):  # no manager: the worker never became ready
         manager().begin_shutdown()
-    except Exception:  # no manager: the worker never became ready
-        pass
 
 
 @signals.worker_shutdown.connect

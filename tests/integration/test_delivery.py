@@ -224,7 +224,7 @@ def test_injected_send_failures_and_disconnects_still_deliver_everything_once_in
     for i in range(12):
         for conv in ids:
             ids[conv].append(client.play(conv, clip) if i % 2 else client.say(conv, f"line {i}"))
-    for conv, uids in ids.items():
+    for uids in ids.values():
         for uid in uids:
             assert client.wait(uid, timeout=60)["state"] in ("sent", "spoken")
     want = expected_chunks(clip)

@@ -33,7 +33,15 @@ import redis
 
 from .. import keys
 from ..echo import encode
-from ..errors import InvalidInput, JoinFailed, MessageTooLarge, RateLimited, ReplicaAbsent, RoomDisconnected, SendFailed
+from ..errors import (
+    InvalidInput,
+    JoinFailed,
+    MessageTooLarge,
+    RateLimited,
+    ReplicaAbsent,
+    RoomDisconnected,
+    SendFailed,
+)
 from .base import EventHandler, Transport
 
 log = logging.getLogger("echoq.loopback")
@@ -165,7 +173,7 @@ class _EventHub:
         with self._lock:
             if stream not in self._rooms:
                 self._rooms[stream] = []
-                last = self._redis.xrevrange(stream, count=1)
+                last: Any = self._redis.xrevrange(stream, count=1)
                 self._last[stream] = last[0][0].decode() if last else "0-0"
             if transport not in self._rooms[stream]:
                 self._rooms[stream].append(transport)
@@ -191,7 +199,7 @@ class _EventHub:
                 time.sleep(0.1)
                 continue
             try:
-                batches = self._redis.xread(streams, block=200, count=100)  # type: ignore[arg-type]
+                batches: Any = self._redis.xread(streams, block=200, count=100)  # type: ignore[arg-type]
             except redis.RedisError as exc:
                 log.warning("loopback event read failed: %s", exc)
                 time.sleep(0.5)

@@ -1,0 +1,144 @@
+"""The Redis store (log, cursor, leases, interrupts) and the loopback transport, in process."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from tests.integration.conftest import wait_for, wire
+from worker import echo, keys
+from worker.errors import (
+    InvalidInput,
+    MessageTooLarge,
+    RateLimited,
+    ReplicaAbsent,
+    RoomDisconnected,
+    SendFailed,
+)
+from worker.store import Store
+from worker.transports.loopback import LoopbackTransport
+
+pytestmark = pytest.mark.redis
+
+
+def _entry(uid: str, inf: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({"utterance_id": uid, "kind": "text", "text": "hi", "inference_id": inf or uid},
+            {"id": uid, "kind": "text", "inference_id": inf or uid})
+
+
+def test_enqueue_assigns_increasing_seqs_and_is_idempotent_on_the_utterance_id(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://r")
+    assert store.enqueue("c", *_entry("u1")) == (1, True)
+    assert store.enqueue("c", *_entry("u2")) == (2, True)
+    assert store.enqueue("c", *_entry("u1")) == (1, False)  # a second firing adds nothing
+    assert store.log_length("c") == 2
+    assert [e["seq"] for e in store.entries_after("c", 0)] == [1, 2]
+    assert store.utterance("u2")["state"] == "queued"
+
+
+def test_enqueue_refuses_closed_conversations_and_reused_inference_ids(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    assert store.enqueue("ghost", *_entry("u0"))[0] == -1
+    store.open_conversation("c", "loopback://r")
+    store.enqueue("c", *_entry("u1", "inf"))
+    assert store.enqueue("c", *_entry("u2", "inf"))[0] == -2
+    store.close_conversation("c")
+    assert store.enqueue("c", *_entry("u3"))[0] == -1
+    assert store.log_length("c") == 1
+
+
+def test_cursor_moves_only_for_the_lease_holder(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://r")
+    assert store.take_lease("c", "me", 5)
+    assert not store.take_lease("c", "you", 5)
+    assert store.advance("c", "me", 0, 3) == 0
+    assert store.advance("c", "you", 9, 0) is None
+    assert (store.cursor("c").seq, store.cursor("c").chunk) == (0, 3)
+    assert not store.renew_lease("c", "you", 5) and store.renew_lease("c", "me", 5)
+    assert not store.release_lease("c", "you") and store.release_lease("c", "me")
+    assert store.lease_owner("c") is None
+
+
+def test_interrupt_cancels_queued_entries_only_and_bumps_the_generation(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://r")
+    for i in range(5):
+        store.enqueue("c", *_entry(f"u{i}"))
+    store.take_lease("c", "me", 5)
+    store.advance("c", "me", 1, 0)  # u0 is done
+    store.start_utterance("u1")  # u1 is being sent
+    assert store.interrupt("c") == (1, 3)
+    assert [store.utterance(f"u{i}")["state"] for i in range(5)] == ["queued", "sending", "cancelled", "cancelled", "cancelled"]
+    assert store.interrupt_state("c") == (1, 5)
+    assert store.start_utterance("u3") == 0  # a cancelled utterance is never claimed
+
+
+def test_loopback_sends_exactly_the_app_message_as_json(redis_client: redis.Redis) -> None:
+    t = LoopbackTransport("loopback://room?replica=0", redis_client=redis_client)
+    with pytest.raises(RoomDisconnected):
+        t.send(echo.interrupt("c"))  # before join
+    t.join(1)
+    msg = echo.text_echo("c", "Hello there!", "i", max_bytes=4096)
+    t.send(msg)
+    assert wire(redis_client, "room") == [msg]
+    raw = redis_client.xrange(keys.loopback_room("room"))[0][1][b"data"]
+    assert raw == echo.encode(msg)
+    assert redis_client.sismember(keys.LOOPBACK_ROOMS, "room")
+    t.leave()
+
+
+def test_loopback_faults(redis_client: redis.Redis) -> None:
+    msg = echo.interrupt("c")
+    failing = LoopbackTransport("loopback://f?fail_rate=1&replica=0", redis_client=redis_client)
+    failing.join(1)
+    with pytest.raises(SendFailed):
+        failing.send(msg)
+    assert wire(redis_client, "f") == []
+
+    dropping = LoopbackTransport("loopback://d?disconnect_after=2&replica=0", redis_client=redis_client)
+    dropping.join(1)
+    dropping.send(msg)
+    dropping.send(msg)
+    with pytest.raises(RoomDisconnected):
+        dropping.send(msg)
+    assert not dropping.connected
+    dropping.rejoin(1)
+    dropping.send(msg)
+    assert len(wire(redis_client, "d")) == 3
+
+    small = LoopbackTransport("loopback://s?max_bytes=50&replica=0", redis_client=redis_client)
+    small.join(1)
+    with pytest.raises(MessageTooLarge):
+        small.send(echo.text_echo("c", "x" * 100, "i", max_bytes=4096))
+
+    limited = LoopbackTransport("loopback://l?max_rate=2&replica=0", redis_client=redis_client)
+    limited.join(1)
+    limited.send(msg)
+    limited.send(msg)
+    with pytest.raises(RateLimited):
+        limited.send(msg)
+
+    with pytest.raises(InvalidInput, match="unknown loopback option"):
+        LoopbackTransport("loopback://x?bogus=1", redis_client=redis_client)
+
+
+def test_loopback_waits_for_the_simulator_and_delivers_room_events(redis_client: redis.Redis) -> None:
+    got: list[dict[str, Any]] = []
+    t = LoopbackTransport("loopback://ev", redis_client=redis_client, on_event=got.append)
+    t.join(1)
+    with pytest.raises(ReplicaAbsent):
+        t.wait_for_replica(0.2)
+    redis_client.set(keys.SIMULATOR_ALIVE, "1", px=2000)
+    t.wait_for_replica(1)
+    event = {"event_type": "conversation.replica.started_speaking", "inference_id": "i"}
+    redis_client.xadd(keys.loopback_events("ev"), {"data": json.dumps(event)})
+    wait_for(lambda: got, 5, what="the room event")
+    assert got == [event]
+    assert threading.current_thread() is threading.main_thread()
+    t.leave()
