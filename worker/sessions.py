@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import echo, keys, metrics
-from .errors import EchoqError, PermanentError
+from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
@@ -79,6 +79,12 @@ class Session:
                     self.transport.wait_for_replica(self.manager.settings.replica_wait_timeout_s)
                     self.replica_ready = True
                 handled += self.sender.drain(progress)
+            except RetryableError as exc:
+                # the backlog stays; the supervisor rings again. Say why where people look.
+                self.manager.store.set_conversation_fields(self.cid, last_error=str(exc))
+                self.manager.store.add_event(self.cid, {"type": "delivery.stalled", "error": str(exc)})
+                step(log, "delivery.stalled", logging.WARNING, conversation=self.cid, reason=str(exc))
+                raise
             finally:
                 self.draining = False
                 self.lock.release()

@@ -303,3 +303,36 @@ def test_bad_input_is_refused_with_a_clear_error_and_the_next_utterance_still_pl
     assert rec["state"] == "failed" and rec["error"]
     assert client.wait(good, timeout=20)["state"] in ("sent", "spoken")
     assert [m["properties"]["inference_id"] for m in wire(redis_client, "room-b")] == [good]
+
+
+def test_close_sends_what_is_queued_then_leaves_and_refuses_more(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    from worker.errors import UnknownConversation
+
+    workers.start(1)
+    client.open("conv-c", "loopback://room-c")
+    ids = [client.say("conv-c", f"line {i}") for i in range(5)]
+    client.close("conv-c")
+    with pytest.raises(UnknownConversation, match="closing|closed"):
+        client.say("conv-c", "too late")
+    for uid in ids:
+        assert client.wait(uid, timeout=20)["state"] in ("sent", "spoken")
+    wait_for(lambda: client.conversation("conv-c")["state"] == "closed", 20, what="the conversation to close")
+    assert utterance_order(wire(redis_client, "room-c")) == ids
+    assert redis_client.get(keys.lease("conv-c")) is None
+    assert "room.left" in workers.started[0].log()
+
+
+def test_a_room_that_never_gets_a_replica_reports_why_and_delivers_once_it_does(
+    workers: Workers, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(1, ECHOQ_REPLICA_WAIT_TIMEOUT_S="0.5")
+    client.open("conv-r", "loopback://room-r")  # no simulator is running: no replica in the room
+    uid = client.say("conv-r", "Anyone there?")
+    wait_for(lambda: "replica" in client.conversation("conv-r").get("last_error", ""), 20,
+             what="the conversation to say the replica is missing")
+    assert client.status(uid)["state"] == "queued" and wire(redis_client, "room-r") == []
+    redis_client.set(keys.SIMULATOR_ALIVE, "1", px=60000)  # the replica arrives
+    assert client.wait(uid, timeout=20)["state"] == "sent"
+    assert [m["properties"]["text"] for m in wire(redis_client, "room-r")] == ["Anyone there?"]
