@@ -9,6 +9,7 @@ the owner's doorbell carries ids only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -30,9 +31,12 @@ from worker.errors import (
     TextTooLong,
     UnknownConversation,
 )
+from worker.logs import step
 from worker.settings import SAMPLE_RATES, Settings, get_settings
 from worker.store import DELIVERED_STATES, FINAL_STATES, Store, text
 from worker.transports import check_url
+
+log = logging.getLogger("echoq.producer")
 
 RAW_FORMATS = ("raw", "pcm", "s16le")
 MODES = ("echo", "microphone")
@@ -218,13 +222,15 @@ class EchoqClient:
         entry["enqueued_at"] = round(time.time(), 6)
         record = {"id": uid, "conversation_id": conversation_id, "inference_id": entry["inference_id"], **record}
         with _backend():
-            seq, _created = self.store.enqueue(conversation_id, entry, record, blob, self.settings.blob_ttl_s)
+            seq, created = self.store.enqueue(conversation_id, entry, record, blob, self.settings.blob_ttl_s)
             if seq == -1:
                 self._conversation(conversation_id)  # raises the precise reason
                 raise UnknownConversation(f"conversation {conversation_id!r} is not open")
             if seq == -2:
                 raise InvalidInput(f"inference_id {entry['inference_id']!r} is already used by another utterance")
             self.app.send_task(keys.TASK_DRAIN, args=[conversation_id], queue=keys.conv_queue(conversation_id))
+        step(log, "utterance.enqueued", conversation=conversation_id, utterance=uid, seq=seq, kind=entry["kind"],
+             duplicate=True if not created else None)
         return uid
 
     def _read_audio(self, audio_in: str | os.PathLike[str] | bytes) -> bytes:

@@ -22,7 +22,12 @@ from .settings import get_settings
 
 log = logging.getLogger("echoq.tasks")
 
+#: the custom state of a drain task while an utterance is being sent (meta: ids and chunk counts)
 PROGRESS_STATE = "SENDING"
+#: Flower builds task state from events, and an unknown ``task-<name>`` event becomes state
+#: ``<NAME>``: this event makes Flower show SENDING too. Flower lists only Celery's own task
+#: fields, so the chunk counts also ride in ``result``, which the succeeded event then replaces.
+PROGRESS_EVENT = f"task-{PROGRESS_STATE.lower()}"
 
 
 @app.task(name=keys.TASK_OPEN, bind=True)
@@ -32,7 +37,9 @@ def open_conversation(self: Any, conversation_id: str) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "owner": manager().hostname if session else None}
 
 
-@app.task(name=keys.TASK_DRAIN, bind=True)
+# ignore_result=False: update_state() stores SENDING in the result backend, and only a stored
+# result replaces it when the task ends (otherwise the backend would say SENDING until it expires).
+@app.task(name=keys.TASK_DRAIN, bind=True, ignore_result=False)
 def drain(self: Any, conversation_id: str) -> dict[str, Any]:
     """Send every utterance of the conversation after its cursor, in order."""
     last = [0.0]
@@ -44,7 +51,8 @@ def drain(self: Any, conversation_id: str) -> dict[str, Any]:
             meta = {"conversation_id": conversation_id, "utterance_id": utterance_id, "chunks_sent": sent,
                     "chunks_total": total}
             self.update_state(state=PROGRESS_STATE, meta=meta)
-            self.send_event("task-progress", **meta)
+            shown = total if total is not None else "?"
+            self.send_event(PROGRESS_EVENT, result=f"sending {utterance_id}: {sent}/{shown} chunks", **meta)
 
     handled = manager().drain(conversation_id, progress if self.request.id else None)
     return {"conversation_id": conversation_id, "utterances": handled}
