@@ -66,11 +66,13 @@ def cmd_close(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    conv = _client().conversation(args.conversation_id)
-    text = "\n".join(f"{k}: {v}" for k, v in sorted(conv.items()))
-    _print(args, conv, text)
+def _print_record(args: argparse.Namespace, record: dict[str, Any]) -> int:
+    _print(args, record, "\n".join(f"{k}: {v}" for k, v in sorted(record.items())))
     return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return _print_record(args, _client().conversation(args.conversation_id))
 
 
 def cmd_say(args: argparse.Namespace) -> int:
@@ -121,10 +123,7 @@ def cmd_interrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rec = _client().status(args.utterance_id)
-    text = "\n".join(f"{k}: {v}" for k, v in sorted(rec.items()))
-    _print(args, rec, text)
-    return EXIT_OK
+    return _print_record(args, _client().status(args.utterance_id))
 
 
 # parser --------------------------------------------------------------------------------------
