@@ -135,12 +135,16 @@ class Sender:
                 rec = self.store.utterance(entry["utterance_id"]) or {}
                 if rec.get("state") == "sending":
                     self._mark_interrupted(entry)
-        self._send(echo.interrupt(self.cid), kind="interrupt")
+        self._announce_interrupt()
         if self.store.advance(self.cid, self.token, max(done_seq, upto), 0, gen) is None:
             raise LeaseLost(f"lease on {self.cid} lost")
         self.gen = gen
         self.store.add_event(self.cid, {"type": "interrupt.sent", "upto": upto})
         step(log, "interrupt.sent", conversation=self.cid, upto=upto, ms=ms_since(t0))
+
+    def _announce_interrupt(self) -> None:
+        """Tell the room the current utterance was cut: send ``conversation.interrupt``."""
+        self._send(echo.interrupt(self.cid), kind="interrupt")
 
     def _mark_interrupted(self, entry: dict[str, Any]) -> None:
         uid, seq = entry["utterance_id"], entry["seq"]

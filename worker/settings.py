@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     pacing: Literal["burst", "realtime"] = "burst"
     max_messages_per_second: float = Field(default=0.0, ge=0, description="0 means no limit")
 
+    # Microphone echo
+    mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per virtual-microphone write")
+    mic_max_lead_ms: int = Field(default=60, ge=0, le=1000, description="How far microphone audio may run ahead of real time")
+    mic_gap_ms: int = Field(default=200, ge=0, le=5000, description="Silence between back-to-back microphone utterances")
+
     # Rooms
     join_timeout_s: float = Field(default=20.0, gt=0)
     replica_wait_timeout_s: float = Field(default=30.0, ge=0)

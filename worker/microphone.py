@@ -1,0 +1,286 @@
+"""Microphone echo: a conversation's audio written into the room as a microphone track.
+
+In this Tavus mode the persona's transport has the microphone enabled and the replica speaks
+what it hears on the track; Tavus's own speech layers are bypassed and "all interrupt logic must
+be embedded in your audio stream" (PROTOCOL.md). So :class:`MicrophoneSender` differs from the
+app-message :class:`~worker.sender.Sender` only in how one log entry reaches the room:
+
+- Audio is converted exactly as for echo messages, cut into frames of ``mic_frame_ms`` and
+  written with ``transport.write_frames`` at real-time pace: a monotonic schedule that lets the
+  audio run at most ``mic_max_lead_ms`` ahead of real time (:class:`FrameClock`). The cursor
+  moves after every frame, with the echo sender's lease fencing, interrupt check and retries,
+  so a worker that dies mid-utterance is replaced and the next one resumes at the next frame
+  (at most the frame in flight is written twice).
+- Back-to-back utterances are separated by ``mic_gap_ms`` of written silence, so the track
+  keeps its real-time cadence across the boundary. When the track has been quiet for longer than
+  that gap already, nothing is written: the room has heard silence anyway.
+- The next utterance's audio is converted on a thread of its own while the current one plays
+  (:class:`FrameReader`): starting a decode takes about a tenth of a second, which would
+  otherwise leave a hole in the track between utterances.
+- Text cannot be spoken (there is no text-to-speech here): a text entry fails its utterance
+  with a :class:`~worker.errors.PermanentError` and the conversation goes on.
+- An interrupt stops the frames at once (no frame after the one in flight) and the queued
+  utterances are cancelled, as in echo mode. No ``conversation.interrupt`` app message is sent:
+  in this mode the stream *is* the interrupt — the replica stops because the audio stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import chunks, metrics
+from .errors import PermanentError, RetryableError
+from .logs import ms_since, step
+from .sender import Progress, Sender, SendExhausted
+from .settings import Settings
+from .store import Store
+from .transports import Transport
+
+log = logging.getLogger("echoq.microphone")
+
+#: how long the reader thread waits on a full queue before it looks at its stop flag again
+_PUT_POLL_S = 0.1
+#: how long closing a reader waits for its thread (and the decoder under it) to finish
+_CLOSE_TIMEOUT_S = 5.0
+
+
+class FrameClock:
+    """When the next microphone frame may be written: real time, at most ``max_lead_s`` ahead.
+
+    The schedule is anchored at the first frame: a frame may go once the audio already written
+    is no more than ``max_lead_s`` ahead of the time since the anchor. A writer a little late
+    (up to ``slack_s``) catches up; one later than that — the audio has run out, the room heard
+    a hole — starts a new schedule instead of bursting to make up for lost time.
+    """
+
+    def __init__(self, max_lead_s: float, slack_s: float, now: Callable[[], float] = time.monotonic) -> None:
+        self.max_lead_s = max_lead_s
+        self.slack_s = slack_s
+        self._now = now
+        self._anchor: float | None = None
+        self._written = 0.0
+
+    def due(self) -> float:
+        """The monotonic time at which the next frame may be written (re-anchoring when stalled)."""
+        now = self._now()
+        if self._anchor is None or now > self._anchor + self._written + self.slack_s:
+            self._anchor, self._written = now, 0.0
+        return self._anchor + self._written - self.max_lead_s
+
+    def wrote(self, seconds: float) -> None:
+        """Count ``seconds`` of audio as written."""
+        self._written += seconds
+
+    def since_end(self) -> float:
+        """Seconds since the audio written so far ran out (negative while it plays; inf if none)."""
+        if self._anchor is None:
+            return math.inf
+        return self._now() - (self._anchor + self._written)
+
+
+class FrameReader:
+    """One utterance's frames, converted on a thread of its own a bounded way ahead of the writer.
+
+    ``open_frames`` is called on that thread and returns the frame iterator (for a
+    :class:`MicrophoneSender`, the echo sender's conversion cut into frames); any error it or
+    the iteration raises comes out of :meth:`frames` in the writer's thread. :meth:`close` stops
+    the thread, which closes the iterator (and so the decoder under it).
+    """
+
+    def __init__(self, utterance_id: str, open_frames: Callable[[], Iterator[bytes]], ahead: int) -> None:
+        self.utterance_id = utterance_id
+        self._open = open_frames
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"echoq-mic-read-{utterance_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_PUT_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            stream = self._open()
+            try:
+                for frame in stream:
+                    if not self._put(("frame", frame)):
+                        return
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the writer, which raises it as its own
+            self._put(("error", exc))
+            return
+        self._put(("end", None))
+
+    def frames(self) -> Iterator[bytes]:
+        """The frames in order; raises what the conversion raised."""
+        while True:
+            kind, value = self._queue.get()
+            if kind == "frame":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    def close(self) -> None:
+        """Stop converting and wait (bounded) for the thread to let go of the decoder."""
+        self._stop.set()
+        self._thread.join(_CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("microphone reader for %s did not stop within %.0fs", self.utterance_id, _CLOSE_TIMEOUT_S)
+
+
+class MicrophoneSender(Sender):
+    """Sends a microphone-mode conversation's log into its room as a real-time microphone track."""
+
+    def __init__(
+        self,
+        conversation_id: str,
+        *,
+        store: Store,
+        transport: Transport,
+        settings: Settings,
+        token: str,
+        wake: threading.Event,
+        stopping: Callable[[], bool],
+    ) -> None:
+        super().__init__(conversation_id, store=store, transport=transport, settings=settings, token=token,
+                         wake=wake, stopping=stopping)
+        # the echo sender's conversion (_pcm_chunks) cuts chunks of chunk_ms: here, mic frames
+        self.chunk_ms = settings.mic_frame_ms
+        frame_s = settings.mic_frame_ms / 1000
+        self.gap_ms = settings.mic_gap_ms
+        self.clock = FrameClock(settings.mic_max_lead_ms / 1000, slack_s=frame_s)
+        self._ahead = max(4, math.ceil(1000 / settings.mic_frame_ms))  # about a second of frames
+        self._next: FrameReader | None = None
+
+    # the loop ------------------------------------------------------------------------------
+
+    def drain(self, progress: Progress | None = None) -> int:
+        """Send every entry after the cursor; a reader started ahead is stopped on the way out."""
+        try:
+            return super().drain(progress)
+        finally:
+            self._drop_prefetch()
+
+    def _announce_interrupt(self) -> None:
+        # The stream is the interrupt in this mode: its frames have stopped. The audio converted
+        # ahead belongs to an utterance the interrupt has just cancelled.
+        self._drop_prefetch()
+
+    # one entry -----------------------------------------------------------------------------
+
+    def _send_text(self, entry: dict[str, Any]) -> int:
+        raise PermanentError(
+            "text cannot be spoken in microphone mode (there is no text-to-speech): send audio, "
+            "or open the conversation in echo mode"
+        )
+
+    def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
+        uid, seq, rate = entry["utterance_id"], int(entry["seq"]), int(entry["sample_rate"])
+        estimate = entry.get("chunks_estimate")
+        total = math.ceil(int(estimate) * self.settings.chunk_ms / self.chunk_ms) if estimate else None
+        reader = self._reader_for(entry)
+        self._prefetch_after(seq)
+        index = -1
+        try:
+            if first_chunk == 0 and self.gap_ms and self.clock.since_end() < self.gap_ms / 1000:
+                self._write_silence(rate, entry)
+            for index, (pcm, last) in enumerate(chunks.mark_last(reader.frames())):
+                if index < first_chunk:  # written before a crash; the cursor says where to go on
+                    continue
+                if index == first_chunk:  # later frames learn of interrupts from each cursor move
+                    self._check_interrupt()
+                self._write(pcm, rate, entry)
+                if last:
+                    self._advance(seq, 0)
+                else:
+                    self._advance(seq - 1, index + 1)
+                if progress is not None:
+                    progress(uid, index + 1, total if not last else index + 1)
+                if index % 50 == 0:
+                    self.store.update_utterance(uid, chunks_sent=index + 1)
+        finally:
+            reader.close()
+        if index < 0:
+            raise PermanentError("the audio has no samples")
+        return index + 1
+
+    def _reader_for(self, entry: dict[str, Any]) -> FrameReader:
+        """The reader started ahead for this entry, or a new one."""
+        uid = entry["utterance_id"]
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead.utterance_id == uid:
+            return ahead
+        if ahead is not None:
+            ahead.close()
+        return FrameReader(uid, lambda: self._pcm_chunks(entry), self._ahead)
+
+    def _prefetch_after(self, seq: int) -> None:
+        """Start converting the entry after ``seq`` while this one plays, if it is audio."""
+        following = self.store.entries_after(self.cid, seq, count=1)
+        if not following or following[0].get("kind") != "audio":
+            return
+        entry = following[0]
+        self._next = FrameReader(entry["utterance_id"], lambda: self._pcm_chunks(entry), self._ahead)
+
+    def _drop_prefetch(self) -> None:
+        ahead, self._next = self._next, None
+        if ahead is not None:
+            ahead.close()
+
+    def _write_silence(self, rate: int, entry: dict[str, Any]) -> None:
+        """``mic_gap_ms`` of silence before an utterance that follows another one directly."""
+        silence = b"\0" * chunks.chunk_bytes(rate, self.gap_ms)
+        for frame in chunks.rechunk([silence], chunks.chunk_bytes(rate, self.chunk_ms)):
+            self._check_interrupt()
+            self._write(frame, rate, entry)
+
+    # one frame -----------------------------------------------------------------------------
+
+    def _pace(self) -> None:
+        """Wait for the next frame's slot; an interrupt ends the wait at once."""
+        due = self.clock.due()
+        while (delay := due - time.monotonic()) > 0:
+            if self.wake.wait(delay):
+                # woken by an interrupt (or a stop, which lets the utterance finish at pace)
+                self.wake.clear()
+                self._check_interrupt()
+
+    def _write(self, pcm: bytes, rate: int, entry: dict[str, Any]) -> None:
+        """Write one frame at its slot, with retries; rejoin the room when the connection is gone."""
+        s = self.settings
+        for attempt in range(s.retry_max_attempts):
+            self._pace()
+            t0 = time.monotonic()
+            try:
+                if not self.transport.connected:
+                    self.transport.rejoin(s.join_timeout_s)
+                    step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
+                self.transport.write_frames(pcm, rate)
+            except RetryableError as exc:  # a lost room (RoomDisconnected, JoinFailed) included
+                self._backoff(attempt, type(exc).__name__, exc)
+                continue
+            self.clock.wrote(len(pcm) / (2 * rate))
+            if not entry.get("_first_sent"):
+                entry["_first_sent"] = True
+                enqueued = float(entry.get("enqueued_at") or 0)
+                if enqueued:
+                    metrics.first_message(max(0.0, time.time() - enqueued))
+            return
+        raise SendExhausted(f"gave up on a microphone frame to {self.cid} after {s.retry_max_attempts} attempts")
