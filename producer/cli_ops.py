@@ -148,10 +148,12 @@ def run_beat(args: argparse.Namespace) -> int:
     """Run Celery beat with RedBeat in this process, its schedule in ``settings.redis_url``."""
     settings = get_settings()
     from worker.celery_app import app
+    from worker.schedule_tasks import configure_redbeat
 
     # RedBeat keeps the schedule and its lock in Redis; without this it would use the broker URL,
-    # which may be a different server or database.
-    app.conf.redbeat_redis_url = settings.redis_url
+    # which may be a different server or database. The key prefix (ECHOQ_REDBEAT_KEY_PREFIX) is
+    # the one producers write schedule entries under; the static pump entry paces script lines.
+    configure_redbeat(app, settings.redis_url, with_pump=True)
     argv = ["beat", "--scheduler", "redbeat.RedBeatScheduler", "--loglevel", settings.log_level]
     if args.max_interval is not None:
         argv += ["--max-interval", str(args.max_interval)]

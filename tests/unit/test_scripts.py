@@ -1,0 +1,119 @@
+"""Script validation and schedule slot arithmetic: pure, no services."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from producer.schedules import latest_slot, next_slot, parse_slot_id, parse_timing, slot_id
+from producer.scripts import ScriptError, load_script, parse_duration, parse_script, parse_text
+from worker.errors import InvalidInput
+
+GOOD = """\
+name: demo
+conversation: conv-1
+lines:
+  - text: Hello
+    pause: 1.5s
+  - audio: clip.wav
+    sample_rate: 16000
+  - text: Later
+    at: 1m
+"""
+
+
+def test_a_good_script_parses_and_round_trips(tmp_path: Path) -> None:
+    (tmp_path / "clip.wav").write_bytes(b"RIFF")
+    (tmp_path / "s.yaml").write_text(GOOD)
+    script = load_script(tmp_path / "s.yaml")
+    assert script.target.conversation_id == "conv-1"
+    assert [ln.kind for ln in script.lines] == ["text", "audio", "text"]
+    assert script.lines[0].pause_s == 1.5 and script.lines[2].at_s == 60.0
+    assert script.lines[1].audio == str(tmp_path / "clip.wav")
+    assert parse_script(script.to_dict(), check_audio=False) == script
+
+
+def test_errors_name_every_bad_line_and_field_with_the_file_line() -> None:
+    text = "conversation: c\nlines:\n  - text: ok\n  - text: ''\n  - {text: hi, sample_rate: 16000}\n" \
+           "  - audio: a.wav\n    sample_rate: 22050\n  - {text: x, pause: soon, colour: red}\n"
+    with pytest.raises(ScriptError) as err:
+        parse_text(text, check_audio=False)
+    got = {(p.line, p.field, p.source_line) for p in err.value.problems}
+    assert got == {(2, "text", 4), (3, "sample_rate", 5), (4, "sample_rate", 6), (5, "pause", 8), (5, "colour", 8)}
+    assert "line 2 (file line 4): text:" in str(err.value)
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"lines": [{"text": "x"}]}, "conversation"),
+    ({"conversation": {"id": "c", "persona_id": "p"}, "lines": [{"text": "x"}]}, "conversation"),
+    ({"conversation": "c", "lines": []}, "lines"),
+    ({"conversation": "bad id!", "lines": [{"text": "x"}]}, "conversation.id"),
+    ({"conversation": "c", "lines": [{"text": "x", "audio": "y"}]}, "text/audio"),
+    ({"conversation": "c", "lines": [{"text": "x", "at": 5}, {"text": "y", "at": 2}]}, "at"),
+    ({"conversation": "c", "lines": [{"text": "x", "pause": 2}, {"text": "y", "at": 5}]}, "pause"),
+    ({"conversation": "c", "lines": [{"text": "x" * 5000}]}, "text"),
+])
+def test_bad_scripts_are_refused(data: dict, field: str) -> None:
+    with pytest.raises(ScriptError) as err:
+        parse_script(data, check_audio=False)
+    assert field in {p.field for p in err.value.problems}
+
+
+def test_missing_audio_files_are_caught_unless_not_checked(tmp_path: Path) -> None:
+    data = {"conversation": "c", "lines": [{"audio": "nope.wav"}]}
+    with pytest.raises(ScriptError, match="line 1: audio: no such file"):
+        parse_script(data, base_dir=tmp_path)
+    assert parse_script(data, base_dir=tmp_path, check_audio=False).lines[0].audio == str(tmp_path / "nope.wav")
+
+
+def test_a_persona_target_and_json_scripts() -> None:
+    s = parse_text('{"conversation": {"persona_id": "p1", "replica_id": "r1"}, "lines": ["hi"]}', fmt="json")
+    assert s.target.creates_conversation and s.target.persona_id == "p1" and s.lines[0].text == "hi"
+    assert s.with_conversation("c9").target.conversation_id == "c9"
+
+
+def test_durations() -> None:
+    assert [parse_duration(v) for v in (3, 2.5, "500ms", "3s", "2m", "1h")] == [3, 2.5, 0.5, 3, 120, 3600]
+    for bad in (-1, "soon", True, "2d", "25h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_cron_slots_follow_the_timezone_across_dst() -> None:
+    t = parse_timing(cron="0 9 * * 1-5", tz="Europe/Paris")
+    fri = latest_slot(t, 0, datetime(2026, 3, 28, 12, tzinfo=UTC))  # a Saturday: Friday's slot, winter time
+    assert fri == datetime(2026, 3, 27, 8, tzinfo=UTC)
+    mon = next_slot(t, 0, fri)  # DST began on Sunday: 09:00 Paris is 07:00 UTC now
+    assert mon == datetime(2026, 3, 30, 7, tzinfo=UTC)
+    assert latest_slot(t, 0, mon) == mon
+
+
+def test_interval_and_one_off_slots() -> None:
+    every = parse_timing(every="2s")
+    anchor = 1000.4
+    assert latest_slot(every, anchor, datetime.fromtimestamp(1005.9, UTC)) == datetime.fromtimestamp(1004, UTC)
+    assert next_slot(every, anchor, datetime.fromtimestamp(1004, UTC)) == datetime.fromtimestamp(1006, UTC)
+    assert latest_slot(every, anchor, datetime.fromtimestamp(999, UTC)) is None
+    once = parse_timing(at="2026-06-02T10:00", tz="America/New_York")
+    assert once.at == datetime(2026, 6, 2, 10, tzinfo=ZoneInfo("America/New_York"))
+    assert latest_slot(once, 0, datetime(2026, 6, 2, 13, 59, tzinfo=UTC)) is None
+    assert latest_slot(once, 0, datetime(2026, 6, 2, 14, tzinfo=UTC)) == datetime(2026, 6, 2, 14, tzinfo=UTC)
+    assert next_slot(once, 0, datetime(2026, 6, 2, 14, tzinfo=UTC)) is None
+
+
+def test_slot_ids_are_utc_compact_and_round_trip() -> None:
+    slot = datetime(2026, 3, 30, 9, tzinfo=ZoneInfo("Europe/Paris"))
+    assert slot_id(slot) == "20260330T070000Z"
+    assert parse_slot_id("20260330T070000Z") == slot
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"cron": "* * * * *", "every": 5}, {"cron": "61 * * * *"}, {"cron": "* * * * * *"},
+    {"every": "1.5s"}, {"every": 0}, {"at": "next tuesday"}, {"cron": "0 9 * * *", "tz": "Mars/Olympus"},
+])
+def test_bad_timings_are_refused(kwargs: dict) -> None:
+    with pytest.raises(InvalidInput):
+        parse_timing(**kwargs)
