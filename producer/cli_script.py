@@ -131,19 +131,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _follow(args: argparse.Namespace, runner: Any, run_id: str, total: int) -> int:
     t0 = time.monotonic()
     deadline = None if args.timeout is None else t0 + args.timeout
-    shown: dict[int, str] = {}
+    shown: dict[int, set[str]] = {}
     if not args.json:
         print(f"run {run_id}: {total} line(s)", file=sys.stderr)
     finished_at: float | None = None
     while True:
         run = runner.status(run_id) or {}
         for line in run.get("lines", []):
-            state = line.get("state", "pending")
-            if state != shown.get(line["n"]) and state != "pending":
-                shown[line["n"]] = state
+            seen = shown.setdefault(line["n"], set())
+            for step in _milestones(line):
+                if step in seen:
+                    continue
+                seen.add(step)
                 if not args.json:
-                    extra = f": {line['error']}" if line.get("error") else ""
-                    print(f"[{time.monotonic() - t0:6.1f}s] line {line['n']}/{total} {state}{extra}", flush=True)
+                    extra = f": {line['error']}" if line.get("error") and step not in ("queued", "sent", "spoken") else ""
+                    print(f"[{time.monotonic() - t0:6.1f}s] line {line['n']}/{total} {step}{extra}", flush=True)
         over = run.get("state") in ("done", "failed")
         if over and finished_at is None:
             finished_at = time.monotonic()
@@ -158,6 +160,19 @@ def _follow(args: argparse.Namespace, runner: Any, run_id: str, total: int) -> i
     ok = run.get("state") == "done" and all(ln.get("state") in ("sent", "spoken") for ln in run.get("lines", []))
     _emit(args, run, f"run {run_id} {run.get('state')}" + (f": {run['error']}" if run.get("error") else ""))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _milestones(line: dict[str, Any]) -> list[str]:
+    """What a line has been through so far, in order: a state passed between two polls still shows."""
+    state = line.get("state", "pending")
+    if state == "pending":
+        return []
+    steps = ["queued"]
+    if line.get("sent_at") or state in ("sent", "spoken"):
+        steps.append("sent")
+    if state not in ("queued", "sending", "sent"):
+        steps.append(state)
+    return steps
 
 
 def cmd_run_status(args: argparse.Namespace) -> int:
