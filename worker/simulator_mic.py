@@ -1,17 +1,18 @@
 """Microphone frames of one loopback room: reassembly and pacing figures. Pure: no I/O.
 
 Each frame carries s16le mono PCM, its sample rate and ``t``, the sender's wall time in
-seconds when it wrote the frame. From the ``t`` values the track measures how well the sender
-kept real time:
+seconds when it wrote the frame. The track measures pacing as a listener would hear it: a
+player that starts with the first frame, plays in real time, and waits whenever its buffer
+runs dry (the way a room's audio track plays a microphone):
 
 - ``audio_seconds``: the audio in all frames;
 - ``wall_seconds``: from the first frame's ``t`` to the last frame's ``t`` plus that last
   frame's duration, so a sender that keeps real time has ``wall_seconds ≈ audio_seconds``;
-- ``max_gap``: the largest ``t[i] - t[i-1] - duration[i-1]`` (how long the room went without
-  audio between two frames; 0 when frames never come late);
-- ``max_lead``: the largest ``audio before frame i - (t[i] - t[0])``: how far the audio already
-  written ran ahead of real time when a frame was written (0 for a real-time sender, nearly all
-  of the audio for one that bursts).
+- ``max_gap``: the longest time that player had nothing to play (a frame arrived after the
+  audio before it had run out); a sender that keeps a lead can pause that long without a gap;
+- ``max_lead``: the most audio that was written but not yet played when a frame arrived: how
+  far the sender ran ahead of real time (0 for a sender that writes exactly in real time,
+  nearly all of the audio for one that bursts).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class MicTrack:
         self._first_t: float | None = None
         self._last_t = 0.0
         self._last_duration = 0.0
+        self._play_end = 0.0  # when the player runs out of what it has been given
 
     def add(self, pcm: bytes, sample_rate: int, t: float) -> str | None:
         """Take one frame; a problem (and the frame left out) when it does not fit the track."""
@@ -45,10 +47,10 @@ class MicTrack:
             return f"mic sample_rate changed from {self.sample_rate} to {sample_rate}"
         duration = len(pcm) / 2 / sample_rate
         if self._first_t is None:
-            self._first_t = t
-        else:
-            self.max_gap = max(self.max_gap, t - self._last_t - self._last_duration)
-            self.max_lead = max(self.max_lead, self.audio_seconds - (t - self._first_t))
+            self._first_t = self._play_end = t
+        self.max_gap = max(self.max_gap, t - self._play_end)
+        self.max_lead = max(self.max_lead, self._play_end - t)
+        self._play_end = max(self._play_end, t) + duration
         self.audio_seconds += duration
         self._last_t = t
         self._last_duration = duration
