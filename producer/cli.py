@@ -42,7 +42,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = args.name or f"echoq-{os.getpid()}@{socket.gethostname()}"
     argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "threads",
             "-c", str(args.concurrency or s.worker_concurrency), "-Q", "echoq.control", "-n", name,
-            "--without-gossip", "--without-mingle", "-E", "--loglevel", args.loglevel or s.log_level]
+            "--without-gossip", "--without-mingle", "-E", "--loglevel", args.loglevel or s.log_level,
+            # scheduled scripts are producer work that runs in the worker process; the worker
+            # package itself never imports producer
+            "--include", "producer.schedule_tasks"]
     sys.stdout.flush()
     os.execv(sys.executable, argv)
     return EXIT_OK  # not reached

@@ -279,7 +279,7 @@ class Schedules:
         self.settings = settings or get_settings()
         self.r = redis_client or redis.Redis.from_url(self.settings.redis_url)
         self.runner = runner or Runner(self.r, settings=self.settings)
-        from worker.schedule_tasks import configure_redbeat
+        from producer.schedule_tasks import configure_redbeat
 
         # A private app for RedBeat entries, so its cached config never leaks between stores.
         self.beat_app = Celery("echoq-schedules", set_as_current=False)
@@ -462,7 +462,7 @@ class Schedules:
     def _arm(self, rec: dict[str, Any]) -> None:
         from redbeat import RedBeatSchedulerEntry
 
-        from worker.schedule_tasks import TASK_FIRE
+        from producer.schedule_tasks import TASK_FIRE
 
         self._disarm(rec["id"])
         entry = RedBeatSchedulerEntry(self._entry_name(rec["id"]), TASK_FIRE, trigger(_timing_of(rec), self.beat_app),
@@ -756,7 +756,7 @@ class Runner:
     def _hint(self, run_id: str, due: float) -> None:
         """Publish this run's own pump message for ``due`` (chained when further than HINT_MAX_S),
         unless one is already on its way."""
-        from worker.schedule_tasks import HINT_MAX_S, TASK_PUMP
+        from producer.schedule_tasks import HINT_MAX_S, TASK_PUMP
 
         delay = min(max(0.0, due - time.time()), HINT_MAX_S)
         if self.r.set(_hint_key(run_id), "1", nx=True, px=int((delay + 2.0) * 1000)):

@@ -15,7 +15,7 @@ from .settings import get_settings
 
 _settings = get_settings()
 
-app = Celery("echoq", broker=_settings.broker, backend=_settings.redis_url, include=["worker.tasks", "worker.schedule_tasks"])
+app = Celery("echoq", broker=_settings.broker, backend=_settings.redis_url, include=["worker.tasks"])
 app.conf.update(
     task_default_queue=keys.CONTROL_QUEUE,
     task_serializer="json",

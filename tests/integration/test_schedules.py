@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis
 
+from producer.schedule_tasks import REDBEAT_PREFIX_ENV, TASK_FIRE
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import FAST_ENV, ROOT, WorkerProc, Workers, wait_for, wire
 from worker import keys
-from worker.schedule_tasks import REDBEAT_PREFIX_ENV, TASK_FIRE
 
 pytestmark = pytest.mark.redis
 

@@ -11,8 +11,8 @@
 
 These tasks are thin views over :mod:`producer.schedules`, which holds the schedule store and
 the run engine (it enqueues through the producer client, the one path into a conversation's
-log). That module is imported inside the task bodies only, so importing the worker package
-never pulls in the producer side.
+log). They are producer work that runs in worker processes: ``echoq worker`` loads this module
+with Celery's ``--include``, so the ``worker`` package itself never imports ``producer``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 
-from .celery_app import app
+from worker.celery_app import app
 
 TASK_FIRE = "echoq.schedule.fire"
 TASK_PUMP = "echoq.script.pump"
@@ -64,7 +64,7 @@ def configure_redbeat(celery_app: Celery, redis_url: str, *, with_pump: bool = F
 @app.task(name=TASK_FIRE, ignore_result=True)
 def fire(schedule_id: str, slot: str | None = None) -> dict[str, Any]:
     """Start the run of one schedule slot, at most once (see :meth:`Schedules.fire`)."""
-    from producer.schedules import Schedules
+    from .schedules import Schedules
 
     return Schedules.default().fire(schedule_id, slot=slot)
 
@@ -72,7 +72,7 @@ def fire(schedule_id: str, slot: str | None = None) -> dict[str, Any]:
 @app.task(name=TASK_PUMP, ignore_result=True)
 def pump(run_id: str | None = None) -> dict[str, Any]:
     """Advance one run (``run_id``) or every run that is due."""
-    from producer.schedules import Runner
+    from .schedules import Runner
 
     runner = Runner.default()
     if run_id is not None:
