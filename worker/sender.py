@@ -181,10 +181,10 @@ class Sender:
             metrics.utterance_finished("failed")
             step(log, "utterance.failed", logging.WARNING, conversation=self.cid, utterance=uid, seq=seq, reason=str(exc))
             return
-        self.store.update_utterance(uid, state="sent", chunks_sent=sent, chunks_total=sent, sent_at=f"{time.time():.6f}")
+        state = self.store.mark_sent(uid, sent)
         self.store.add_event(self.cid, {"type": "utterance.sent", "utterance_id": uid, "seq": seq, "messages": sent})
         self.store.drop_blob(uid)
-        metrics.utterance_finished("sent")
+        metrics.utterance_finished(state)
         step(log, "utterance.sent", conversation=self.cid, utterance=uid, seq=seq, messages=sent, ms=ms_since(t0))
 
     def _send_text(self, entry: dict[str, Any]) -> int:

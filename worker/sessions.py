@@ -318,12 +318,9 @@ class SessionManager:
         elif etype in SPEAKING_STOPPED and uid:
             interrupted = bool(props.get("interrupted"))
             record.update(duration=props.get("duration"), interrupted=interrupted)
-            rec = self.store.utterance(uid) or {}
-            fields: dict[str, Any] = {"spoken_at": f"{time.time():.6f}", "duration": props.get("duration")}
-            if rec.get("state") == "sent":
-                fields["state"] = "interrupted" if interrupted else "spoken"
-                metrics.utterance_finished(fields["state"])
-            self.store.update_utterance(uid, **fields)
+            state = self.store.mark_spoken(uid, "interrupted" if interrupted else "spoken", props.get("duration"))
+            if state in ("spoken", "interrupted"):
+                metrics.utterance_finished(state)
             step(log, "utterance.spoken", conversation=cid, utterance=uid, duration=props.get("duration"),
                  interrupted=interrupted)
         elif etype not in SPEAKING_STARTED | SPEAKING_STOPPED:

@@ -85,6 +85,26 @@ if s == 'sending' then return 2 end
 return 0
 """
 
+# KEYS: utterance ; ARGV: now, messages — sending -> sent, or straight to the replica's outcome
+# when its "stopped speaking" came first (a fast replica can finish before the sender records)
+_MARK_SENT = """
+local outcome = redis.call('HGET', KEYS[1], 'replica_outcome')
+local state = outcome or 'sent'
+redis.call('HSET', KEYS[1], 'state', state, 'sent_at', ARGV[1], 'chunks_sent', ARGV[2], 'chunks_total', ARGV[2])
+return state
+"""
+
+# KEYS: utterance ; ARGV: outcome (spoken|interrupted), now, duration — the replica stopped
+_MARK_SPOKEN = """
+redis.call('HSET', KEYS[1], 'replica_outcome', ARGV[1], 'spoken_at', ARGV[2], 'duration', ARGV[3])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'sent' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1])
+  return ARGV[1]
+end
+return state or ''
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -118,6 +138,8 @@ class Store:
         self._advance = client.register_script(_ADVANCE)
         self._start = client.register_script(_START)
         self._renew = client.register_script(_RENEW)
+        self._mark_sent = client.register_script(_MARK_SENT)
+        self._mark_spoken = client.register_script(_MARK_SPOKEN)
         self._release = client.register_script(_RELEASE)
 
     # conversations -------------------------------------------------------------------------
@@ -244,6 +266,15 @@ class Store:
     def start_utterance(self, utterance_id: str) -> int:
         """queued -> sending (1), already sending: a resume (2), or 0 when cancelled meanwhile."""
         return int(self._start(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}"]))
+
+    def mark_sent(self, utterance_id: str, messages: int) -> str:
+        """The last message is in the room: ``sent``, or the replica's outcome if it came first."""
+        return text(self._mark_sent(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}", messages]))
+
+    def mark_spoken(self, utterance_id: str, outcome: str, duration: Any) -> str:
+        """The replica stopped speaking it; returns the state after (``spoken``/``interrupted`` once sent)."""
+        return text(self._mark_spoken(keys=[keys.utterance(utterance_id)],
+                                      args=[outcome, f"{time.time():.6f}", "" if duration is None else duration]))
 
     def update_utterance(self, utterance_id: str, **fields: Any) -> None:
         self.r.hset(keys.utterance(utterance_id), mapping={k: str(v) for k, v in fields.items() if v is not None})

@@ -142,3 +142,23 @@ def test_loopback_waits_for_the_simulator_and_delivers_room_events(redis_client:
     assert got == [event]
     assert threading.current_thread() is threading.main_thread()
     t.leave()
+
+
+def test_a_replica_that_finishes_before_the_sender_records_still_leaves_the_utterance_spoken(
+    redis_client: redis.Redis,
+) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://r")
+    for uid in ("fast", "slow", "cut"):
+        store.enqueue("c", *_entry(uid))
+        store.start_utterance(uid)
+    # the replica's "stopped speaking" comes first: the state waits for the sender
+    assert store.mark_spoken("fast", "spoken", 0.8) == "sending"
+    assert store.mark_sent("fast", 1) == "spoken"
+    # the usual order
+    assert store.mark_sent("slow", 3) == "sent"
+    assert store.mark_spoken("slow", "spoken", 1.2) == "spoken"
+    assert store.mark_sent("cut", 2) == "sent"
+    assert store.mark_spoken("cut", "interrupted", 0.3) == "interrupted"
+    assert [store.utterance(u)["state"] for u in ("fast", "slow", "cut")] == ["spoken", "spoken", "interrupted"]
+    assert store.utterance("slow")["duration"] == "1.2"
