@@ -102,6 +102,9 @@ if state == 'sent' then
   redis.call('HSET', KEYS[1], 'state', ARGV[1])
   return ARGV[1]
 end
+-- already spoken or interrupted (cut by the sender, or a repeated event): nothing changed, so
+-- nothing may be counted again
+if state == 'spoken' or state == 'interrupted' then return '' end
 return state or ''
 """
 
@@ -272,7 +275,8 @@ class Store:
         return text(self._mark_sent(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}", messages]))
 
     def mark_spoken(self, utterance_id: str, outcome: str, duration: Any) -> str:
-        """The replica stopped speaking it; returns the state after (``spoken``/``interrupted`` once sent)."""
+        """The replica stopped speaking it; returns the state after (``spoken``/``interrupted`` once sent),
+        or ``""`` when it already was spoken or interrupted (so the caller counts each outcome once)."""
         return text(self._mark_spoken(keys=[keys.utterance(utterance_id)],
                                       args=[outcome, f"{time.time():.6f}", "" if duration is None else duration]))
 
