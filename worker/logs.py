@@ -53,9 +53,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not when logging was set up
+    (a replaced stderr — a daemon's, a test's capture — must not leave a dangling stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Configure the ``echoq`` loggers (idempotent)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

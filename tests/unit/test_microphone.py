@@ -98,6 +98,11 @@ class MemoryStore:
     def update_utterance(self, utterance_id: str, **fields: Any) -> None:
         self.records[utterance_id].update({k: v for k, v in fields.items() if v is not None})
 
+    def mark_sent(self, utterance_id: str, messages: int) -> str:
+        rec = self.records[utterance_id]
+        rec.update(state=rec.get("replica_outcome", "sent"), chunks_sent=messages, chunks_total=messages)
+        return str(rec["state"])
+
     def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None) -> int | None:
         if token != self.lease:
             return None
