@@ -38,9 +38,6 @@ from . import chunks, metrics
 from .errors import PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import Progress, Sender, SendExhausted
-from .settings import Settings
-from .store import Store
-from .transports import Transport
 
 log = logging.getLogger("echoq.microphone")
 
@@ -148,19 +145,9 @@ class FrameReader:
 class MicrophoneSender(Sender):
     """Sends a microphone-mode conversation's log into its room as a real-time microphone track."""
 
-    def __init__(
-        self,
-        conversation_id: str,
-        *,
-        store: Store,
-        transport: Transport,
-        settings: Settings,
-        token: str,
-        wake: threading.Event,
-        stopping: Callable[[], bool],
-    ) -> None:
-        super().__init__(conversation_id, store=store, transport=transport, settings=settings, token=token,
-                         wake=wake, stopping=stopping)
+    def __init__(self, conversation_id: str, **kwargs: Any) -> None:
+        super().__init__(conversation_id, **kwargs)
+        settings = self.settings
         # the echo sender's conversion (_pcm_chunks) cuts chunks of chunk_ms: here, mic frames
         self.chunk_ms = settings.mic_frame_ms
         frame_s = settings.mic_frame_ms / 1000

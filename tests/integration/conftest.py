@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,18 +118,28 @@ def workers(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Workers]:
     ws.stop_all()
 
 
-@pytest.fixture
-def simulator(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def running_simulator(redis_client: redis.Redis, out: Path, speed: float = 50.0) -> Iterator[Any]:
+    """The replica simulator in a thread, present in the room until the block ends."""
     from worker.simulator import Simulator
 
-    sim = Simulator(redis.Redis.from_url(TEST_REDIS_URL), tmp_path / "sim", speed=50.0)
+    sim = Simulator(redis.Redis.from_url(TEST_REDIS_URL), out, speed=speed)
     stop = threading.Event()
     thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
     thread.start()
-    wait_for(lambda: redis_client.exists(keys.SIMULATOR_ALIVE), 10, what="the simulator")
-    yield sim
-    stop.set()
-    thread.join(10)
+    try:
+        wait_for(lambda: redis_client.exists(keys.SIMULATOR_ALIVE), 10, what="the simulator")
+        yield sim
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.fixture
+def simulator(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
+    """The simulator at 50× speed: replica events come quickly."""
+    with running_simulator(redis_client, tmp_path / "sim") as sim:
+        yield sim
 
 
 @pytest.fixture

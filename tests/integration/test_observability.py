@@ -11,7 +11,6 @@ import base64
 import json
 import logging
 import re
-import threading
 import wave
 from collections import defaultdict
 from collections.abc import Collection, Iterator
@@ -25,10 +24,8 @@ import requests
 from celery.result import AsyncResult
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import Workers, wait_for, wire
+from tests.integration.conftest import Workers, running_simulator, wait_for, wire
 from tests.integration.test_flower_browser import Flower, free_port, run_flower
-from worker import keys
 from worker.celery_app import app as celery_app
 from worker.logs import JsonFormatter
 from worker.simulator import Simulator
@@ -47,14 +44,8 @@ FAST_SEND = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "50"}
 def realtime_simulator(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Simulator]:
     """The replica simulator playing in real time: it stops speaking well after the last chunk is
     sent (the worker sends at twice real time, see ``FAST_SEND``), as a replica would."""
-    sim = Simulator(redis.Redis.from_url(TEST_REDIS_URL), tmp_path / "sim", speed=1.0)
-    stop = threading.Event()
-    thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
-    thread.start()
-    wait_for(lambda: redis_client.exists(keys.SIMULATOR_ALIVE), 10, what="the simulator")
-    yield sim
-    stop.set()
-    thread.join(10)
+    with running_simulator(redis_client, tmp_path / "sim", speed=1.0) as sim:
+        yield sim
 
 
 @pytest.fixture
