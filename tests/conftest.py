@@ -58,3 +58,15 @@ def settings_env(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> 
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _restore_echoq_logging() -> Iterator[None]:
+    """Leave the ``echoq`` loggers as each test found them: a test (or a CLI command run in
+    process) that calls ``setup_logging`` must not change what later tests see on stderr."""
+    import logging
+
+    root = logging.getLogger("echoq")
+    saved = (list(root.handlers), root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved
