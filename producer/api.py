@@ -635,6 +635,10 @@ def create_app(
         with _mapped(("path", "utterance_id")):
             return UtteranceOut(**echoq.status(utterance_id))
 
+    from .api_schedules import register as register_schedules  # late: it imports this module's helpers
+
+    register_schedules(app, protected, echoq)
+
     # -- health --------------------------------------------------------------------------------
 
     @app.get("/healthz", response_model=HealthOut, tags=["health"],
