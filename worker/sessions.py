@@ -170,6 +170,9 @@ class SessionManager:
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
         if not self.store.take_lease(cid, token, self.settings.lease_ttl_s):
             return None
+        if (self.store.conversation(cid) or {}).get("state") == "closed":  # closed while we looked
+            self.store.release_lease(cid, token)
+            return None
         t0 = time.monotonic()
         step(log, "conversation.taken", conversation=cid, worker=self.hostname)
         transport: Transport | None = None
@@ -246,8 +249,13 @@ class SessionManager:
         if self.store.backlog(cid):
             self.drain(cid)
         if self.store.backlog(cid) == 0:
-            self.drop(cid, "closed")
-            self.store.mark_closed(cid)
+            self._close_now(cid)
+
+    def _close_now(self, cid: str) -> None:
+        # closed first, then the lease goes: a worker scanning for free conversations in between
+        # must find this one closed, not free
+        self.store.mark_closed(cid)
+        self.drop(cid, "closed")
 
     # the supervisor ------------------------------------------------------------------------
 
@@ -274,8 +282,7 @@ class SessionManager:
             metrics.backlog(cid, backlog)
             conv = self.store.conversation(cid) or {}
             if conv.get("state") == "closing" and backlog == 0 and not session.draining:
-                self.drop(cid, "closed")
-                self.store.mark_closed(cid)
+                self._close_now(cid)
             elif backlog and not session.draining and not self.shutting_down:
                 self.ring(cid)
         self.redis.hset(keys.WORKERS, self.hostname, json.dumps(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
+import time
 import wave
 from collections import defaultdict
 from pathlib import Path
@@ -318,9 +320,13 @@ def test_close_sends_what_is_queued_then_leaves_and_refuses_more(
         client.say("conv-c", "too late")
     for uid in ids:
         assert client.wait(uid, timeout=20)["state"] in ("sent", "spoken")
-    wait_for(lambda: client.conversation("conv-c")["state"] == "closed", 20, what="the conversation to close")
+    wait_for(lambda: client.conversation("conv-c")["state"] == "closed" and redis_client.get(keys.lease("conv-c")) is None,
+             20, what="the conversation to close and its worker to let go")
     assert utterance_order(wire(redis_client, "room-c")) == ids
+    time.sleep(1.0)  # several supervisor scans (0.25 s): none may take the closed conversation back
     assert redis_client.get(keys.lease("conv-c")) is None
+    beat = json.loads(redis_client.hget(keys.WORKERS, workers.started[0].name))
+    assert "conv-c" not in beat["sessions"]
     assert "room.left" in workers.started[0].log()
 
 
