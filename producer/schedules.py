@@ -68,6 +68,8 @@ DEFAULT_GRACE_S = 60.0
 TOLERANCE_S = 1.0
 #: how often a run looks at the line it waits on to be sent
 POLL_S = 0.25
+#: when a pump finds its run busy, how soon another one looks
+BUSY_RETRY_S = 0.2
 #: run records kept per schedule
 HISTORY_MAX = 200
 #: a run that holds its lock longer than this is presumed dead
@@ -654,7 +656,10 @@ class Runner:
         """Enqueue every line of the run that is due, then note when to look again. Never sleeps."""
         token = uuid.uuid4().hex
         if not self.r.set(_lock_key(run_id), token, nx=True, px=RUN_LOCK_MS):
-            return {"id": run_id, "state": "busy"}  # the holder reschedules the run
+            # The holder books the next look, but it may already have seen an older pump message
+            # in flight (this one, say) and booked nothing: make sure a pump comes again soon.
+            self._hint(run_id, time.time() + BUSY_RETRY_S)
+            return {"id": run_id, "state": "busy"}
         try:
             raw = self.r.get(run_key(run_id))
             if not raw:
