@@ -26,7 +26,6 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -44,10 +43,6 @@ from .schedules import (
     SCHEDULE_ID_RE,
     Runner,
     Schedules,
-    latest_slot,
-    next_slot,
-    parse_timing,
-    trigger,
 )
 from .scripts import ScriptError
 
@@ -218,21 +213,6 @@ def _schedule_errors(script_loc: _Loc = ("body", "script")) -> Iterator[None]:
             raise _store_invalid(msg) from exc
 
 
-def _check_timing(store: Schedules, cron: str | None, every: Any, at: str | None, tz: str | None) -> None:
-    """Refuse a timing that parses but can never be computed (``0 0 30 2 *``, a date-time at the
-    end of the calendar) before the store keeps it; InvalidInput names the field."""
-    timing = parse_timing(cron=cron, every=every, at=at, tz=tz)
-    now = datetime.now(UTC)
-    try:
-        next_slot(timing, now.timestamp(), now)
-        latest_slot(timing, now.timestamp(), now)
-        timing.to_dict()
-        trigger(timing, store.beat_app)
-    except (ValueError, OverflowError) as exc:
-        value = timing.cron if timing.cron else timing.every_s or at
-        raise InvalidInput(f"{timing.kind}: {value!r} never fires ({type(exc).__name__})") from exc
-
-
 def _retarget(script: dict[str, Any], conversation: str | None) -> dict[str, Any]:
     """The script aimed at ``conversation`` when one is given, as ``--conversation`` does."""
     return script if conversation is None else {**script, "conversation": conversation}
@@ -255,7 +235,6 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         """Add a schedule for an inline script: exactly one of `cron`, `every` or `at`. It fires
         from its next slot, through `echoq beat`."""
         with _schedule_errors():
-            _check_timing(store, body.cron, body.every, body.at, body.tz)
             rec = store.add(_retarget(body.script, body.conversation), cron=body.cron, every=body.every, at=body.at,
                             tz=body.tz, schedule_id=body.id, name=body.name, grace=body.grace)
         step(logger, "api.schedule.added", schedule_id=rec["id"], timing=rec["describe"])
@@ -281,12 +260,6 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         `conversation` alone re-aims the current script."""
         with _schedule_errors():
             current = store.get(schedule_id)
-            timing_given = any(v not in (None, "") for v in (body.cron, body.every, body.at))
-            if timing_given:
-                _check_timing(store, body.cron, body.every, body.at, body.tz or current["timing"]["tz"])
-            elif body.tz:
-                old = current["timing"]
-                _check_timing(store, old.get("cron"), old.get("every"), old.get("at"), body.tz)
             script = body.script
             if body.conversation is not None:
                 script = _retarget(script if script is not None else current["script"], body.conversation)

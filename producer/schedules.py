@@ -297,6 +297,22 @@ class Schedules:
             cls._default = cls()
         return cls._default
 
+    def _checked(self, timing: Timing, at: Any) -> Timing:
+        """Refuse a timing that parses but can never be computed (``0 0 30 2 *``, a date-time at
+        the end of the calendar) before it is stored, where it would break every later listing."""
+        now = datetime.now(UTC)
+        if timing.at is not None and timing.at.timestamp() <= now.timestamp():
+            raise InvalidInput(f"at: {timing.at.isoformat()} is in the past")
+        try:
+            next_slot(timing, now.timestamp(), now)
+            latest_slot(timing, now.timestamp(), now)
+            timing.to_dict()
+            trigger(timing, self.beat_app)
+        except (ValueError, OverflowError) as exc:
+            value = timing.cron if timing.cron else timing.every_s or at
+            raise InvalidInput(f"{timing.kind}: {value!r} never fires ({type(exc).__name__})") from exc
+        return timing
+
     # public API ----------------------------------------------------------------------------
 
     def add(self, script: Script | dict[str, Any], *, cron: str | None = None, every: Any = None, at: Any = None,
@@ -305,11 +321,9 @@ class Schedules:
         """Store a schedule and arm its RedBeat entry; returns the schedule record."""
         sid = schedule_id or uuid.uuid4().hex[:12]
         _check_schedule_id(sid)
-        timing = parse_timing(cron=cron, every=every, at=at, tz=tz)
+        timing = self._checked(parse_timing(cron=cron, every=every, at=at, tz=tz), at)
         scr = _as_script(script)
         now = time.time()
-        if timing.at is not None and timing.at.timestamp() <= now:
-            raise InvalidInput(f"at: {timing.at.isoformat()} is in the past")
         rec = {"id": sid, "name": name or scr.name, "timing": timing.to_dict(), "script": scr.to_dict(),
                "grace_s": _grace(grace), "paused": False, "created_at": now, "updated_at": now,
                "not_before": now, "anchor": now}
@@ -350,9 +364,7 @@ class Schedules:
                 timing = parse_timing(cron=cron, every=every, at=at, tz=tz or old.tz)
             else:
                 timing = parse_timing(cron=old.cron, every=old.every_s, at=old.at, tz=tz)
-            if timing.at is not None and timing.at.timestamp() <= now:
-                raise InvalidInput(f"at: {timing.at.isoformat()} is in the past")
-            rec["timing"] = timing.to_dict()
+            rec["timing"] = self._checked(timing, at).to_dict()
             rec["anchor"] = now
         if name is not None:
             rec["name"] = name

@@ -230,3 +230,18 @@ def test_a_bad_script_is_rejected_before_anything_is_enqueued(
     assert "line 2 (file line 4): pause:" in done.stderr
     assert client.conversation("conv-b")["utterances"] == 0
     assert not list(redis_client.scan_iter("echoq:run:*"))
+
+
+@pytest.mark.parametrize("timing", [["--cron", "0 0 30 2 *"], ["--at", "9999-12-31T23:00", "--tz", "America/New_York"]])
+def test_a_timing_that_can_never_fire_is_refused_and_nothing_is_stored(
+    client: Any, redis_client: redis.Redis, prefix: str, store: Any, tmp_path: Path, timing: list[str]
+) -> None:
+    client.open("conv-n", "loopback://room-n")
+    path = tmp_path / "ok.yaml"
+    path.write_text("conversation: conv-n\nlines:\n  - text: never\n")
+    env = {**os.environ, "ECHOQ_REDIS_URL": TEST_REDIS_URL, REDBEAT_PREFIX_ENV: prefix}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "schedule", "add", str(path), *timing], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "never fires" in done.stderr and "Traceback" not in done.stderr
+    assert store.list() == []  # and listing still works
