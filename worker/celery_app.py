@@ -35,4 +35,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": 3600},
     task_track_started=True,
+    # every worker also consumes its own queue (<node>.dq2): a worker that has just taken a
+    # conversation rings itself there, since it starts reading the conversation's queue only on
+    # its next poll (about a second later)
+    worker_direct=True,
 )

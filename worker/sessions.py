@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery.utils.nodenames import worker_direct
 
 from . import echo, keys, metrics
 from .errors import EchoqError, PermanentError, RetryableError
@@ -197,7 +198,7 @@ class SessionManager:
         step(log, "room.joined", conversation=cid, worker=self.hostname, ms=ms_since(t0))
         self.app.control.add_consumer(keys.conv_queue(cid), destination=[self.hostname])
         metrics.sessions_held(len(self.sessions))
-        self.ring(cid)
+        self.ring(cid, here=True)
         return session
 
     def _note_failure(self, cid: str, exc: Exception) -> None:
@@ -229,9 +230,11 @@ class SessionManager:
         metrics.forget_conversation(cid)
         step(log, "room.left", conversation=cid, worker=self.hostname, reason=reason)
 
-    def ring(self, cid: str) -> None:
-        """Ring the conversation's doorbell: its owner drains the log."""
-        self.app.send_task(keys.TASK_DRAIN, args=[cid], queue=keys.conv_queue(cid))
+    def ring(self, cid: str, *, here: bool = False) -> None:
+        """Ring the conversation's doorbell: its owner drains the log. ``here``: ring this
+        worker's own queue instead (it owns the conversation and reads that queue already)."""
+        queue: Any = worker_direct(self.hostname) if here else keys.conv_queue(cid)
+        self.app.send_task(keys.TASK_DRAIN, args=[cid], queue=queue)
 
     def drain(self, cid: str, progress: Progress | None = None) -> int:
         """Drain as the owner; adopt first when nobody owns the conversation."""
