@@ -136,6 +136,30 @@ def cmd_conversation_delete(args: argparse.Namespace) -> int:
 # --- plumbing -----------------------------------------------------------------------------------
 
 
+def cmd_start(args: argparse.Namespace) -> int:
+    """Create a conversation on Tavus from an echo persona, open it in echoq, print its room URL."""
+    from worker.errors import EchoqError
+
+    from .client import EchoqClient
+
+    with _client(args) as client:
+        conv = client.create_conversation(args.persona, replica_id=args.replica_id, conversation_name=args.name)
+    cid, url = str(conv["conversation_id"]), str(conv["conversation_url"])
+    try:
+        EchoqClient().open(cid, url, mode=args.mode)
+    except EchoqError as exc:
+        # the conversation exists on Tavus now: say how to finish by hand rather than lose it
+        print(f"echoq start: conversation {cid} was created on Tavus ({url}) but not opened in echoq: {exc}\n"
+              f"open it later with: echoq open {cid} --url {url}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(exc, RetryableError) else EXIT_FAILED
+    _emit(args, {"conversation_id": cid, "conversation_url": url, "mode": args.mode, "status": conv.get("status")},
+          url)
+    if not args.json:
+        print(f"conversation {cid} is open in echoq ({args.mode}); join the room above, then for example:\n"
+              f"  echoq say {cid} \"Hello there!\"", file=sys.stderr)
+    return EXIT_OK
+
+
 def _client(args: argparse.Namespace) -> TavusClient:
     kwargs: dict[str, Any] = {}
     if getattr(args, "timeout", None) is not None:
@@ -235,8 +259,20 @@ def _command(
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``tavus`` with ``persona create|list|get`` and ``conversation create|get|end|delete``."""
+    """Add ``tavus`` with ``persona create|list|get`` and ``conversation create|get|end|delete``,
+    and ``start``: from nothing to a replica waiting for scripted speech in one step."""
     common = _common()
+    p = _command(
+        subparsers,
+        "start",
+        cmd_start,
+        "create a Tavus conversation from an echo persona, open it in echoq, print the URL to join",
+        common,
+    )
+    p.add_argument("--persona", required=True, metavar="PERSONA_ID", help="the echo persona (pipeline_mode echo)")
+    p.add_argument("--replica-id", help="the replica (default: the persona's default replica)")
+    p.add_argument("--name", help="conversation_name")
+    p.add_argument("--mode", choices=("echo", "microphone"), default="echo", help="echo (default) or microphone")
     tavus = subparsers.add_parser(
         "tavus",
         help="manage Tavus echo personas and conversations (REST API)",
