@@ -5,6 +5,8 @@ It answers with the shapes in PROTOCOL.md (``persona_id``; ``conversation_id``,
 delete), checks ``x-api-key`` (401 with a JSON ``message`` otherwise), records every request, and
 can be told to misbehave for the next requests: 429 with ``Retry-After``, 5xx, a slow answer, a
 dropped connection, a Tavus-style 4xx, or an error body that echoes the request headers back.
+``conversation_url`` (a template with ``{conversation_id}``) changes the room URL it hands out,
+e.g. ``loopback://{conversation_id}`` so that workers and the simulator can use the room.
 
 Use the ``fake_tavus`` fixture (import ``fake_tavus_fixture`` into a test module), or :class:`FakeTavus` directly::
 
@@ -29,6 +31,7 @@ from typing import Any
 import pytest
 
 DEFAULT_KEY = "tvs-test-key-6f1c0e2a9b7d4c35"
+DEFAULT_CONVERSATION_URL = "https://tavus.daily.co/{conversation_id}"
 
 
 @dataclass
@@ -78,8 +81,10 @@ def _new_id(prefix: str) -> str:
 class FakeTavus:
     """The fake server: ``url`` (the ``/v2`` base), ``api_key``, ``state`` and fault controls."""
 
-    def __init__(self, api_key: str = DEFAULT_KEY) -> None:
+    def __init__(self, api_key: str = DEFAULT_KEY, conversation_url: str = DEFAULT_CONVERSATION_URL) -> None:
         self.api_key = api_key
+        #: the ``conversation_url`` of new conversations; ``{conversation_id}`` is filled in
+        self.conversation_url = conversation_url
         self.state = FakeState()
         self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -333,7 +338,7 @@ class FakeTavus:
         conv = {
             "conversation_id": cid,
             "conversation_name": body.get("conversation_name") or f"Conversation {cid}",
-            "conversation_url": f"https://tavus.daily.co/{cid}",
+            "conversation_url": self.conversation_url.format(conversation_id=cid),
             "status": "active",
             "callback_url": body.get("callback_url"),
             "persona_id": persona["persona_id"],
