@@ -186,9 +186,11 @@ def test_quickstart_curl_body_makes_the_simulator_hear_hello_there(
                        "properties": {"modality": "text", "text": "Hello there!", "inference_id": "inference-id-123",
                                       "done": True}}
     assert message["properties"]["done"] is True
-    report = simulator.report()["rooms"]["qs-room"]
-    assert report["violations"] == []
-    assert [u["done"] for u in report["utterances"] if u["inference_id"] == "inference-id-123"] == [True]
+    # the simulator reads the room on its own schedule: wait until it has taken the utterance
+    heard = wait_for(lambda: [u["done"] for u in simulator.report()["rooms"].get("qs-room", {}).get("utterances", [])
+                              if u["inference_id"] == "inference-id-123"], 15, what="the simulator to hear it")
+    assert heard == [True]
+    assert simulator.report()["rooms"]["qs-room"]["violations"] == []
 
     # the same body with done as a boolean, or with neither done nor inference_id, also works
     for props in ({"modality": "text", "text": "Bool done.", "inference_id": "inf-bool", "done": True},
