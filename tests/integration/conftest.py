@@ -53,6 +53,14 @@ def wire(client: redis.Redis, room: str) -> list[dict[str, Any]]:
     return [json.loads(fields[b"data"]) for _id, fields in client.xrange(keys.loopback_room(room))]
 
 
+def heard_everything(simulator: Any, client: redis.Redis, room: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The simulator's report of ``room`` once it has taken every message on the wire (it reads
+    rooms on its own schedule, so a report read straight after a send may not have it yet)."""
+    sent = len(wire(client, room))
+    return wait_for(lambda: (r := simulator.report()["rooms"].get(room)) and r["messages"] >= sent and r,
+                    timeout, what=f"the simulator to take all {sent} messages of {room}")
+
+
 @dataclass
 class WorkerProc:
     name: str

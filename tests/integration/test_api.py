@@ -34,7 +34,7 @@ from producer.client import EchoqClient
 from producer.tavus import TavusClient
 from tests.conftest import TEST_REDIS_URL
 from tests.fake_tavus import FakeTavus, fake_tavus_fixture  # noqa: F401  (the fake_tavus fixture)
-from tests.integration.conftest import ROOT, Workers, wait_for, wire
+from tests.integration.conftest import ROOT, Workers, heard_everything, wait_for, wire
 from worker import keys
 from worker.settings import Settings
 
@@ -299,7 +299,7 @@ def test_v1_conversation_and_utterance_resources_end_to_end(
         if inf and inf not in order:
             order.append(inf)
     assert order == ["u-text", "inf-b64", "u-upload", "u-url"]
-    assert simulator.report()["rooms"]["v1-room"]["violations"] == []
+    assert heard_everything(simulator, redis_client, "v1-room")["violations"] == []
 
     # events as server-sent events: read a few, then resume after one with Last-Event-ID
     with api.http.stream("GET", "/v1/conversations/v1/events", params={"limit": 4}) as r:
