@@ -470,7 +470,14 @@ def _flower_tasks(flower_url: str) -> Counter[tuple[str, str]]:
 def signals_stop() -> Iterator[None]:
     """SIGINT/SIGTERM raise :class:`Stop` in the main thread, so ``finally`` blocks clean up."""
 
+    fired: list[int] = []
+
     def handler(signum: int, _frame: FrameType | None) -> None:
+        # raise once: a second signal before the clean-up takes over (two Ctrl-C, or a signal to
+        # the whole process group) could land anywhere, even in a destructor, and be lost there
+        if fired:
+            return
+        fired.append(signum)
         raise Stop(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
