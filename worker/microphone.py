@@ -179,34 +179,18 @@ class MicrophoneSender(Sender):
         )
 
     def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
-        uid, seq, rate = entry["utterance_id"], int(entry["seq"]), int(entry["sample_rate"])
+        seq, rate = int(entry["seq"]), int(entry["sample_rate"])
         estimate = entry.get("chunks_estimate")
         total = math.ceil(int(estimate) * self.settings.chunk_ms / self.chunk_ms) if estimate else None
         reader = self._reader_for(entry)
         self._prefetch_after(seq)
-        index = -1
         try:
             if first_chunk == 0 and self.gap_ms and self.clock.since_end() < self.gap_ms / 1000:
                 self._write_silence(rate, entry)
-            for index, (pcm, last) in enumerate(chunks.mark_last(reader.frames())):
-                if index < first_chunk:  # written before a crash; the cursor says where to go on
-                    continue
-                if index == first_chunk:  # later frames learn of interrupts from each cursor move
-                    self._check_interrupt()
-                self._write(pcm, rate, entry)
-                if last:
-                    self._advance(seq, 0)
-                else:
-                    self._advance(seq - 1, index + 1)
-                if progress is not None:
-                    progress(uid, index + 1, total if not last else index + 1)
-                if index % 50 == 0:
-                    self.store.update_utterance(uid, chunks_sent=index + 1)
+            return self._deliver(entry, reader.frames(), first_chunk, lambda pcm, _last: self._write(pcm, rate, entry),
+                                 progress, total, every=50)
         finally:
             reader.close()
-        if index < 0:
-            raise PermanentError("the audio has no samples")
-        return index + 1
 
     def _reader_for(self, entry: dict[str, Any]) -> FrameReader:
         """The reader started ahead for this entry, or a new one."""

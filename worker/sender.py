@@ -16,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import audio, chunks, echo, metrics
@@ -211,33 +211,45 @@ class Sender:
         return chunks.rechunk(pcm, chunks.chunk_bytes(rate, self.chunk_ms))
 
     def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
-        uid, seq, rate = entry["utterance_id"], int(entry["seq"]), int(entry["sample_rate"])
-        total = entry.get("chunks_estimate")
+        rate = int(entry["sample_rate"])
         self.pacer.start_utterance()
-        index = -1
         stream = self._pcm_chunks(entry)
+
+        def put(pcm: bytes, last: bool) -> None:
+            message = echo.audio_echo(self.cid, pcm, rate, entry["inference_id"], last,
+                                      max_bytes=self.settings.max_message_bytes)
+            self.pacer.wait(len(pcm) / (2 * rate), self.wake)
+            self._send(message, kind="audio", entry=entry)
+
         try:
-            for index, (pcm, last) in enumerate(chunks.mark_last(stream)):
-                if index < first_chunk:  # sent before a crash; the cursor says where to go on
-                    continue
-                if index == first_chunk:  # later chunks learn of interrupts from each cursor move
-                    self._check_interrupt()
-                message = echo.audio_echo(self.cid, pcm, rate, entry["inference_id"], last,
-                                          max_bytes=self.settings.max_message_bytes)
-                self.pacer.wait(len(pcm) / (2 * rate), self.wake)
-                self._send(message, kind="audio", entry=entry)
-                if last:
-                    self._advance(seq, 0)
-                else:
-                    self._advance(seq - 1, index + 1)
-                if progress is not None:
-                    progress(uid, index + 1, total if not last else index + 1)
-                if index % 25 == 0:
-                    self.store.update_utterance(uid, chunks_sent=index + 1)
+            return self._deliver(entry, stream, first_chunk, put, progress, entry.get("chunks_estimate"), every=25)
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+
+    def _deliver(self, entry: dict[str, Any], pieces: Iterable[bytes], first_chunk: int,
+                 put: Callable[[bytes, bool], None], progress: Progress | None, total: int | None,
+                 *, every: int) -> int:
+        """Hand each piece of an utterance after the cursor to ``put``, in order, moving the cursor
+        after each; returns how many pieces the utterance has. ``every``: how often the record's
+        count is written (the cursor itself moves every time)."""
+        uid, seq = entry["utterance_id"], int(entry["seq"])
+        index = -1
+        for index, (pcm, last) in enumerate(chunks.mark_last(pieces)):
+            if index < first_chunk:  # sent before a crash; the cursor says where to go on
+                continue
+            if index == first_chunk:  # later pieces learn of interrupts from each cursor move
+                self._check_interrupt()
+            put(pcm, last)
+            if last:
+                self._advance(seq, 0)
+            else:
+                self._advance(seq - 1, index + 1)
+            if progress is not None:
+                progress(uid, index + 1, total if not last else index + 1)
+            if index % every == 0:
+                self.store.update_utterance(uid, chunks_sent=index + 1)
         if index < 0:
             raise PermanentError("the audio has no samples")
         return index + 1
