@@ -36,14 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from worker.errors import InvalidInput
 from worker.logs import step
 
-from .api import _CONV_ID, _ERRORS, ApiError, _invalid, _Loc, _mapped
+from .api import _ERRORS, ApiError, _invalid, _Loc, _mapped
+from .api_models import _CONV_ID
 from .client import EchoqClient
-from .schedules import (
-    HISTORY_MAX,
-    SCHEDULE_ID_RE,
-    Runner,
-    Schedules,
-)
+from .runs import Runner
+from .schedules import HISTORY_MAX, SCHEDULE_ID_RE, Schedules
 from .scripts import ScriptError
 
 __all__ = ["register", "ScheduleIn", "ScheduleEdit", "ScheduleOut", "RunOut"]

@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .schedules import Runner
+    from .runs import Runner
 
     script = _script(args.file, args.conversation)
     runner = Runner.default()
@@ -176,7 +176,7 @@ def _milestones(line: dict[str, Any]) -> list[str]:
 
 
 def cmd_run_status(args: argparse.Namespace) -> int:
-    from .schedules import Runner
+    from .runs import Runner
 
     run = Runner.default().status(args.run_id)
     if run is None:

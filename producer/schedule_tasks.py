@@ -9,9 +9,9 @@
   themselves with short countdowns (at most :data:`HINT_MAX_S`), so pauses are kept to the
   tenth of a second without a worker thread ever sleeping through one.
 
-These tasks are thin views over :mod:`producer.schedules`, which holds the schedule store and
-the run engine (it enqueues through the producer client, the one path into a conversation's
-log). They are producer work that runs in worker processes: ``echoq worker`` loads this module
+These tasks are thin views over :mod:`producer.schedules`, which holds the schedule store, and
+:mod:`producer.runs`, the run engine (it enqueues through the producer client, the one path into
+a conversation's log). They are producer work that runs in worker processes: ``echoq worker`` loads this module
 with Celery's ``--include``, so the ``worker`` package itself never imports ``producer``.
 """
 
@@ -72,7 +72,7 @@ def fire(schedule_id: str, slot: str | None = None) -> dict[str, Any]:
 @app.task(name=TASK_PUMP, ignore_result=True)
 def pump(run_id: str | None = None) -> dict[str, Any]:
     """Advance one run (``run_id``) or every run that is due."""
-    from .schedules import Runner
+    from .runs import Runner
 
     runner = Runner.default()
     if run_id is not None:

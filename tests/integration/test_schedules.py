@@ -109,7 +109,7 @@ def test_every_2s_fires_repeatedly_each_firing_once_in_order_with_two_schedulers
 def test_the_same_slot_fired_twice_speaks_once(
     workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, store: Any, prefix: str
 ) -> None:
-    from producer.schedules import next_slot, parse_timing, slot_id
+    from producer.timing import next_slot, parse_timing, slot_id
     from worker.celery_app import app
 
     workers.start(1, **{REDBEAT_PREFIX_ENV: prefix})

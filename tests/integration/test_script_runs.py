@@ -65,7 +65,7 @@ def simulator_heard(sim: Any, room: str) -> list[str]:
 
 def run_status(run_id: str) -> dict[str, Any]:
     """A run as ``echoq script status`` reports it."""
-    from producer.schedules import Runner
+    from producer.runs import Runner
 
     status = Runner(redis.Redis.from_url(TEST_REDIS_URL)).status(run_id)
     assert status is not None, run_id
@@ -206,7 +206,7 @@ def backdated(store: Any, schedule_id: str, conversation: str, *, grace: str | N
 
 def slot_back(anchor: float, intervals: int) -> tuple[str, float]:
     """The slot ``intervals`` before the latest one (id and time): at least ``intervals * 10`` s late."""
-    from producer.schedules import latest_slot, parse_timing, slot_id
+    from producer.timing import latest_slot, parse_timing, slot_id
 
     latest = latest_slot(parse_timing(every=EVERY_S), anchor, datetime.now(UTC))
     assert latest is not None
