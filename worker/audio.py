@@ -112,30 +112,9 @@ def pcm_stream(
     return _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes)
 
 
-def convert(
-    source: Source,
-    *,
-    target_rate: int,
-    format: str | None = None,
-    source_rate: int | None = None,
-    channels: int = 1,
-    max_bytes: int,
-    max_seconds: float,
-    block_bytes: int = 64 * 1024,
-) -> bytes:
-    """The whole of :func:`pcm_stream` as one bytes object."""
-    return b"".join(
-        pcm_stream(
-            source,
-            target_rate=target_rate,
-            format=format,
-            source_rate=source_rate,
-            channels=channels,
-            max_bytes=max_bytes,
-            max_seconds=max_seconds,
-            block_bytes=block_bytes,
-        )
-    )
+def convert(source: Source, **options: Any) -> bytes:
+    """The whole of :func:`pcm_stream` as one bytes object; takes the same arguments."""
+    return b"".join(pcm_stream(source, **options))
 
 
 def _raw_stream(

@@ -8,15 +8,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis
 
+from tests.integration import conftest as integration
 from worker import echo, keys
 from worker.simulator import Simulator, add_arguments, run_cli, violations_key
 from worker.simulator_room import text_seconds
@@ -30,14 +30,7 @@ CONV = "conv-1"
 
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
     """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    return cast(T, integration.wait_for(check, timeout, 0.02, what))
 
 
 def pcm_bytes(n: int, seed: int = 1) -> bytes:
