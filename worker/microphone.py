@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import chunks, metrics
+from . import chunks
 from .errors import PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import Progress, Sender, SendExhausted
@@ -248,10 +248,6 @@ class MicrophoneSender(Sender):
                 self._backoff(attempt, type(exc).__name__, exc)
                 continue
             self.clock.wrote(len(pcm) / (2 * rate))
-            if not entry.get("_first_sent"):
-                entry["_first_sent"] = True
-                enqueued = float(entry.get("enqueued_at") or 0)
-                if enqueued:
-                    metrics.first_message(max(0.0, time.time() - enqueued))
+            self._note_first(entry)
             return
         raise SendExhausted(f"gave up on a microphone frame to {self.cid} after {s.retry_max_attempts} attempts")

@@ -288,13 +288,18 @@ class Sender:
                 continue
             elapsed = time.monotonic() - t0
             metrics.message_sent(kind, elapsed)
-            if entry is not None and not entry.get("_first_sent"):
-                entry["_first_sent"] = True
-                enqueued = float(entry.get("enqueued_at") or 0)
-                if enqueued:
-                    metrics.first_message(max(0.0, time.time() - enqueued))
+            if entry is not None:
+                self._note_first(entry)
             return
         raise SendExhausted(f"gave up on a {kind} message to {self.cid} after {s.retry_max_attempts} attempts")
+
+    def _note_first(self, entry: dict[str, Any]) -> None:
+        """Time from enqueue to the utterance's first message in the room, once per utterance."""
+        if not entry.get("_first_sent"):
+            entry["_first_sent"] = True
+            enqueued = float(entry.get("enqueued_at") or 0)
+            if enqueued:
+                metrics.first_message(max(0.0, time.time() - enqueued))
 
     def _backoff(self, attempt: int, reason: str, exc: Exception) -> None:
         metrics.send_retry(reason)

@@ -151,6 +151,16 @@ def simulator(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
+def prefix(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A RedBeat key prefix of this test's own, for this process and every child."""
+    from producer.schedule_tasks import REDBEAT_PREFIX_ENV
+
+    value = f"echoq:test-redbeat-{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv(REDBEAT_PREFIX_ENV, value)
+    return value
+
+
+@pytest.fixture
 def client(redis_client: redis.Redis) -> Any:
     from producer.client import EchoqClient
 

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.redis
 
 # Fixtures of the sibling modules, made available here by name.
 serve = test_api.serve
-prefix = test_schedules.prefix
 beats = test_schedules.beats
 
 #: every schedule route, with a request that would reach its handler with a token

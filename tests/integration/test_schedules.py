@@ -22,14 +22,6 @@ from worker import keys
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture
-def prefix(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A RedBeat key prefix of this test's own, for this process and every child."""
-    value = f"echoq:test-redbeat-{uuid.uuid4().hex[:8]}:"
-    monkeypatch.setenv(REDBEAT_PREFIX_ENV, value)
-    return value
-
-
 class Beats:
     def __init__(self, tmp: Path, prefix: str) -> None:
         self.tmp, self.prefix, self.procs = tmp, prefix, []  # type: ignore[var-annotated]

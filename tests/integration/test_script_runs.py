@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,14 +22,6 @@ from tests.integration.conftest import ROOT, Workers, wait_for, wire
 from worker import keys
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def prefix(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A RedBeat key prefix of this test's own, for this process and every child."""
-    value = f"echoq:test-redbeat-{uuid.uuid4().hex[:8]}:"
-    monkeypatch.setenv(REDBEAT_PREFIX_ENV, value)
-    return value
 
 
 @pytest.fixture
