@@ -129,7 +129,7 @@ def workers(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Workers]:
 @contextlib.contextmanager
 def running_simulator(redis_client: redis.Redis, out: Path, speed: float = 50.0) -> Iterator[Any]:
     """The replica simulator in a thread, present in the room until the block ends."""
-    from worker.simulator import Simulator
+    from simulator import Simulator
 
     sim = Simulator(redis.Redis.from_url(TEST_REDIS_URL), out, speed=speed)
     stop = threading.Event()
@@ -153,7 +153,7 @@ def simulator(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def prefix(monkeypatch: pytest.MonkeyPatch) -> str:
     """A RedBeat key prefix of this test's own, for this process and every child."""
-    from producer.schedule_tasks import REDBEAT_PREFIX_ENV
+    from producer.scripting.beat import REDBEAT_PREFIX_ENV
 
     value = f"echoq:test-redbeat-{uuid.uuid4().hex[:8]}:"
     monkeypatch.setenv(REDBEAT_PREFIX_ENV, value)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from producer.client import EchoqClient
-from producer.schedule_tasks import REDBEAT_PREFIX_ENV
+from producer.scripting.beat import REDBEAT_PREFIX_ENV
 from tests.integration import test_api, test_schedules
 from tests.integration.conftest import Workers, wait_for
 from tests.integration.test_api import TOKEN, Api, field_of, open_loopback

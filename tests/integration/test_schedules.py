@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer.schedule_tasks import REDBEAT_PREFIX_ENV, TASK_FIRE
+from producer.scripting.beat import REDBEAT_PREFIX_ENV, TASK_FIRE
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import FAST_ENV, ROOT, WorkerProc, Workers, wait_for, wire
 from worker import keys
@@ -47,7 +47,7 @@ def beats(redis_client: redis.Redis, tmp_path: Path, prefix: str) -> Iterator[Be
 
 @pytest.fixture
 def store(redis_client: redis.Redis, prefix: str) -> Any:
-    from producer.schedules import Schedules
+    from producer.scripting.schedules import Schedules
 
     return Schedules(redis.Redis.from_url(TEST_REDIS_URL))
 
@@ -101,7 +101,7 @@ def test_every_2s_fires_repeatedly_each_firing_once_in_order_with_two_schedulers
 def test_the_same_slot_fired_twice_speaks_once(
     workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, store: Any, prefix: str
 ) -> None:
-    from producer.timing import next_slot, parse_timing, slot_id
+    from producer.scripting.timing import next_slot, parse_timing, slot_id
     from worker.celery_app import app
 
     workers.start(1, **{REDBEAT_PREFIX_ENV: prefix})

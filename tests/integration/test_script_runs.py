@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer.schedule_tasks import REDBEAT_PREFIX_ENV, TASK_FIRE
+from producer.scripting.beat import REDBEAT_PREFIX_ENV, TASK_FIRE
 from tests.conftest import TEST_REDIS_URL
 from tests.fake_tavus import FakeTavus
 from tests.integration.conftest import ROOT, Workers, wait_for, wire
@@ -56,7 +56,7 @@ def simulator_heard(sim: Any, room: str) -> list[str]:
 
 def run_status(run_id: str) -> dict[str, Any]:
     """A run as ``echoq script status`` reports it."""
-    from producer.runs import Runner
+    from producer.scripting.runs import Runner
 
     status = Runner(redis.Redis.from_url(TEST_REDIS_URL)).status(run_id)
     assert status is not None, run_id
@@ -179,7 +179,7 @@ EVERY_S = 10
 
 @pytest.fixture
 def store(redis_client: redis.Redis, prefix: str) -> Any:
-    from producer.schedules import Schedules
+    from producer.scripting.schedules import Schedules
 
     return Schedules(redis.Redis.from_url(TEST_REDIS_URL))
 
@@ -197,7 +197,7 @@ def backdated(store: Any, schedule_id: str, conversation: str, *, grace: str | N
 
 def slot_back(anchor: float, intervals: int) -> tuple[str, float]:
     """The slot ``intervals`` before the latest one (id and time): at least ``intervals * 10`` s late."""
-    from producer.timing import latest_slot, parse_timing, slot_id
+    from producer.scripting.timing import latest_slot, parse_timing, slot_id
 
     latest = latest_slot(parse_timing(every=EVERY_S), anchor, datetime.now(UTC))
     assert latest is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.cli_tavus import client_from_env, register
+from producer.cli.tavus import client_from_env, register
 from tests.fake_tavus import (
     FakeTavus,
     fake_tavus_fixture,  # noqa: F401  (the fake_tavus fixture)

@@ -287,7 +287,7 @@ def test_flower_no_auth_only_on_loopback() -> None:
 def test_flower_command_line_keeps_credentials_in_the_environment() -> None:
     import argparse
 
-    from producer import cli_ops
+    from producer.cli import ops as cli_ops
 
     parser = argparse.ArgumentParser()
     cli_ops.register(parser.add_subparsers())

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from producer.scripts import ScriptError, load_script, parse_duration, parse_script, parse_text
-from producer.timing import latest_slot, next_slot, parse_slot_id, parse_timing, slot_id
+from producer.scripting.script import ScriptError, load_script, parse_duration, parse_script, parse_text
+from producer.scripting.timing import latest_slot, next_slot, parse_slot_id, parse_timing, slot_id
 from worker.errors import InvalidInput
 
 GOOD = """\

@@ -24,8 +24,8 @@ runs late when it is at most the grace window late — ``ECHOQ_SCHEDULE_GRACE_S`
 60, or the schedule's own ``grace`` — and is recorded as ``skipped`` otherwise. Slots before the
 schedule was created, last edited or resumed never run.
 
-Timings and slot maths are :mod:`producer.timing`; runs and their pacing (``echoq:run:<id>``,
-``echoq:runs:due``, the pump) are :mod:`producer.runs`.
+Timings and slot maths are :mod:`producer.scripting.timing`; runs and their pacing (``echoq:run:<id>``,
+``echoq:runs:due``, the pump) are :mod:`producer.scripting.runs`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from worker.errors import InvalidInput, UnknownConversation
 from worker.settings import Settings, get_settings
 
 from .runs import RUNS_DUE, Runner, _text, run_key
-from .scripts import Script, parse_duration, parse_script
+from .script import Script, parse_duration, parse_script
 from .timing import Timing, is_slot, latest_slot, next_slot, parse_slot_id, parse_timing, slot_id, trigger
 
 #: environment variable: how late (seconds) a missed firing may still run
@@ -96,7 +96,7 @@ class Schedules:
         self.settings = settings or get_settings()
         self.r = redis_client or redis.Redis.from_url(self.settings.redis_url)
         self.runner = runner or Runner(self.r, settings=self.settings)
-        from producer.schedule_tasks import configure_redbeat
+        from producer.scripting.beat import configure_redbeat
 
         # A private app for RedBeat entries, so its cached config never leaks between stores.
         self.beat_app = Celery("echoq-schedules", set_as_current=False)
@@ -291,7 +291,7 @@ class Schedules:
     def _arm(self, rec: dict[str, Any]) -> None:
         from redbeat import RedBeatSchedulerEntry
 
-        from producer.schedule_tasks import TASK_FIRE
+        from producer.scripting.beat import TASK_FIRE
 
         self._disarm(rec["id"])
         entry = RedBeatSchedulerEntry(self._entry_name(rec["id"]), TASK_FIRE, trigger(_timing_of(rec), self.beat_app),

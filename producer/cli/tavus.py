@@ -23,7 +23,7 @@ from typing import Any
 from worker.errors import PermanentError, RetryableError
 from worker.settings import get_settings
 
-from .tavus import TavusClient, TavusConfigError, TavusError
+from ..tavus import TavusClient, TavusConfigError, TavusError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -140,7 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Create a conversation on Tavus from an echo persona, open it in echoq, print its room URL."""
     from worker.errors import EchoqError
 
-    from .client import EchoqClient
+    from ..client import EchoqClient
 
     with _client(args) as client:
         conv = client.create_conversation(args.persona, replica_id=args.replica_id, conversation_name=args.name)

@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import echo
+from worker import echo
 
 TEXT_WORDS_PER_SECOND = 2.5
 TEXT_MIN_SECONDS = 0.5

@@ -36,12 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from worker.errors import InvalidInput
 from worker.logs import step
 
-from .api import _ERRORS, ApiError, _invalid, _Loc, _mapped
-from .api_models import _CONV_ID
-from .client import EchoqClient
-from .runs import Runner
-from .schedules import HISTORY_MAX, SCHEDULE_ID_RE, Schedules
-from .scripts import ScriptError
+from ..client import EchoqClient
+from ..scripting.runs import Runner
+from ..scripting.schedules import HISTORY_MAX, SCHEDULE_ID_RE, Schedules
+from ..scripting.script import ScriptError
+from .errors import ERRORS, ApiError, Loc, invalid, mapped
+from .models import _CONV_ID
 
 __all__ = ["register", "ScheduleIn", "ScheduleEdit", "ScheduleOut", "RunOut"]
 
@@ -172,7 +172,7 @@ class ScheduleOut(BaseModel):
 # --- errors -------------------------------------------------------------------------------------
 
 
-def _script_problems(exc: ScriptError, base: _Loc) -> ApiError:
+def _script_problems(exc: ScriptError, base: Loc) -> ApiError:
     """One 422 entry per script problem: ``loc`` is the path in the body (lines 0-based, as
     JSON indexes them), ``msg`` names the script line (1-based) and the field."""
     errors = []
@@ -186,19 +186,19 @@ def _script_problems(exc: ScriptError, base: _Loc) -> ApiError:
     return ApiError(422, errors)
 
 
-def _store_invalid(msg: str) -> ApiError:
+def _storeinvalid(msg: str) -> ApiError:
     """Which body field a store message is about: its prefix, or the id it names."""
     if match := _FIELD_PREFIX_RE.match(msg):
-        return _invalid(("body", match.group(1)), msg)
+        return invalid(("body", match.group(1)), msg)
     if msg.startswith(("schedule id", "a schedule ")):
-        return _invalid(("body", "id"), msg)
-    return _invalid(("body",), msg)
+        return invalid(("body", "id"), msg)
+    return invalid(("body",), msg)
 
 
 @contextmanager
-def _schedule_errors(script_loc: _Loc = ("body", "script")) -> Iterator[None]:
+def _schedule_errors(script_loc: Loc = ("body", "script")) -> Iterator[None]:
     """Map the store's errors: "no schedule" 404, other bad input 422 on its field, Redis 503."""
-    with _mapped():
+    with mapped():
         try:
             yield
         except ScriptError as exc:
@@ -207,7 +207,7 @@ def _schedule_errors(script_loc: _Loc = ("body", "script")) -> Iterator[None]:
             msg = str(exc)
             if msg.startswith("no schedule"):
                 raise ApiError(404, msg) from exc
-            raise _store_invalid(msg) from exc
+            raise _storeinvalid(msg) from exc
 
 
 def _retarget(script: dict[str, Any], conversation: str | None) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
     tags: list[str | Enum] = ["schedules"]
 
     @app.post("/v1/schedules", status_code=201, response_model=ScheduleOut, dependencies=deps, tags=tags,
-              responses=_ERRORS)
+              responses=ERRORS)
     def add_schedule(body: ScheduleIn) -> Any:
         """Add a schedule for an inline script: exactly one of `cron`, `every` or `at`. It fires
         from its next slot, through `echoq beat`."""
@@ -237,21 +237,21 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         step(logger, "api.schedule.added", schedule_id=rec["id"], timing=rec["describe"])
         return rec
 
-    @app.get("/v1/schedules", response_model=list[ScheduleOut], dependencies=deps, tags=tags, responses=_ERRORS)
+    @app.get("/v1/schedules", response_model=list[ScheduleOut], dependencies=deps, tags=tags, responses=ERRORS)
     def list_schedules() -> Any:
         """Every schedule, by id, with its state and next firing."""
         with _schedule_errors():
             return store.list()
 
     @app.get("/v1/schedules/{schedule_id}", response_model=ScheduleOut, dependencies=deps, tags=tags,
-             responses={**_ERRORS, **_NOT_FOUND})
+             responses={**ERRORS, **_NOT_FOUND})
     def show_schedule(schedule_id: ScheduleId) -> Any:
         """One schedule with its next firing and its last run."""
         with _schedule_errors():
             return store.get(schedule_id)
 
     @app.patch("/v1/schedules/{schedule_id}", response_model=ScheduleOut, dependencies=deps, tags=tags,
-               responses={**_ERRORS, **_NOT_FOUND})
+               responses={**ERRORS, **_NOT_FOUND})
     def edit_schedule(schedule_id: ScheduleId, body: ScheduleEdit) -> Any:
         """Change the script, timing, timezone, name or grace; slots from now on follow the change.
         `conversation` alone re-aims the current script."""
@@ -266,7 +266,7 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         return rec
 
     @app.post("/v1/schedules/{schedule_id}/pause", response_model=ScheduleOut, dependencies=deps, tags=tags,
-              responses={**_ERRORS, **_NOT_FOUND})
+              responses={**ERRORS, **_NOT_FOUND})
     def pause_schedule(schedule_id: ScheduleId) -> Any:
         """Stop firing until resumed (the RedBeat entry is removed)."""
         with _schedule_errors():
@@ -275,7 +275,7 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         return rec
 
     @app.post("/v1/schedules/{schedule_id}/resume", response_model=ScheduleOut, dependencies=deps, tags=tags,
-              responses={**_ERRORS, **_NOT_FOUND})
+              responses={**ERRORS, **_NOT_FOUND})
     def resume_schedule(schedule_id: ScheduleId) -> Any:
         """Fire again from the next slot; slots that passed while paused never run."""
         with _schedule_errors():
@@ -284,7 +284,7 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         return rec
 
     @app.delete("/v1/schedules/{schedule_id}", status_code=204, response_class=Response, dependencies=deps,
-                tags=tags, responses={**_ERRORS, **_NOT_FOUND})
+                tags=tags, responses={**ERRORS, **_NOT_FOUND})
     def remove_schedule(schedule_id: ScheduleId) -> Response:
         """Delete the schedule, its RedBeat entry and its run history (utterance records stay)."""
         with _schedule_errors():
@@ -293,7 +293,7 @@ def register(app: FastAPI, protected: Sequence[Depends], echoq: EchoqClient) -> 
         return Response(status_code=204)
 
     @app.get("/v1/schedules/{schedule_id}/runs", response_model=list[RunOut], dependencies=deps, tags=tags,
-             responses={**_ERRORS, **_NOT_FOUND})
+             responses={**ERRORS, **_NOT_FOUND})
     def schedule_runs(
         schedule_id: ScheduleId,
         limit: Annotated[int, Query(ge=1, le=HISTORY_MAX, description="at most this many runs")] = 20,

@@ -11,8 +11,8 @@ and answers on the room's event stream as a replica would::
      "conversation_id": "c1", "inference_id": "i1", "seq": 2, "turn_idx": 0,
      "properties": {"duration": 1.24, "interrupted": false}}
 
-The rules, the playback and the interrupt behaviour are in :mod:`worker.simulator_room`; the
-microphone pacing figures in :mod:`worker.simulator_mic`. Each violation is one log line, an
+The rules, the playback and the interrupt behaviour are in :mod:`simulator.room`; the
+microphone pacing figures in :mod:`simulator.mic`. Each violation is one log line, an
 entry ``{"room", "inference_id", "kind", "problem", "entry_id"}`` (field ``data``) on the stream
 ``echoq:loopback:<room>:violations``, and a count in :meth:`Simulator.report`, which is also
 kept in ``<out>/report.json``.
@@ -37,12 +37,13 @@ from typing import Any
 
 import redis
 
-from . import keys
-from .errors import BackendUnavailable
-from .logs import step
-from .simulator_files import safe_name, write_json, write_text, write_wav
-from .simulator_mic import MicTrack
-from .simulator_room import Room, Utterance
+from worker import keys
+from worker.errors import BackendUnavailable
+from worker.logs import step
+
+from .files import safe_name, write_json, write_text, write_wav
+from .mic import MicTrack
+from .room import Room, Utterance
 
 logger = logging.getLogger("echoq.simulator")
 
@@ -341,8 +342,8 @@ def _cli_line(line: str) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``echoq simulate`` until Ctrl-C, SIGTERM or the idle limit; the exit code."""
-    from .logs import setup_logging
-    from .settings import get_settings
+    from worker.logs import setup_logging
+    from worker.settings import get_settings
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
@@ -386,11 +387,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m worker.simulator``: the same options as ``echoq simulate``."""
-    parser = argparse.ArgumentParser(prog="python -m worker.simulator", description="Tavus replica simulator for loopback rooms")
+    """``python -m simulator``: the same options as ``echoq simulate``."""
+    parser = argparse.ArgumentParser(prog="python -m simulator", description="Tavus replica simulator for loopback rooms")
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,9 +14,9 @@ ASGI middleware, so a request without a valid token never reaches a handler or a
 Request bodies are limited before they are read (413). Errors map at this boundary: bad input
 422 with the field named, unknown conversation or utterance 404, Redis unreachable 503, Tavus
 failing 502; anything unexpected is a JSON 500 without a traceback. Tokens are never logged.
-Request and response bodies are the models in :mod:`producer.api_models`.
+Request and response bodies are the models in :mod:`producer.api.models`.
 
-Run it with ``echoq api`` (see :mod:`producer.cli_api`) or ``uvicorn --factory producer.api:create_app``.
+Run it with ``echoq api`` (see :mod:`producer.cli.api`) or ``uvicorn --factory producer.api:create_app``.
 """
 
 from __future__ import annotations
@@ -30,31 +30,30 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
 import redis
 from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
-from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.errors import (
-    AudioError,
     BackendUnavailable,
     ConfigError,
     EchoqError,
-    InvalidInput,
-    UnknownConversation,
 )
 from worker.logs import ms_since, step
 from worker.settings import SAMPLE_RATES, Settings, get_settings
 
-from .api_models import (
+from ..client import EchoqClient
+from ..tavus import TavusClient, TavusConfigError, TavusHTTPError, TavusNotFound, TavusRejected
+from .errors import ERRORS, ApiError, Loc, invalid, mapped
+from .models import (
     _CONV_ID,
     _UTT_ID,
     ClosedOut,
@@ -69,8 +68,7 @@ from .api_models import (
     UtteranceIn,
     UtteranceOut,
 )
-from .client import EchoqClient
-from .tavus import TavusClient, TavusConfigError, TavusHTTPError, TavusNotFound, TavusRejected
+from .schedules import register as register_schedules
 
 __all__ = ["create_app", "body_limit_for", "OPEN_PATHS"]
 
@@ -81,7 +79,6 @@ OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", 
 #: room for JSON or multipart framing around the largest audio a request may carry
 _BODY_SLACK = 1024 * 1024
 _EVENT_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
-_Loc = tuple[str | int, ...]
 
 
 def body_limit_for(settings: Settings) -> int:
@@ -90,35 +87,6 @@ def body_limit_for(settings: Settings) -> int:
 
 
 # --- errors -------------------------------------------------------------------------------------
-
-
-class ApiError(HTTPException):
-    """An error with its status and JSON ``detail``; also raised from inside body reading."""
-
-
-def _invalid(loc: _Loc, msg: str) -> ApiError:
-    return ApiError(422, [{"loc": list(loc), "msg": msg, "type": "value_error"}])
-
-
-@contextmanager
-def _mapped(loc: _Loc = ("body",), fields: Mapping[str, _Loc] | None = None) -> Iterator[None]:
-    """Turn echoq's errors into HTTP errors; ``fields`` maps words in a message to the field it names."""
-    try:
-        yield
-    except UnknownConversation as exc:
-        raise ApiError(404, str(exc)) from exc
-    except (InvalidInput, AudioError) as exc:
-        msg = str(exc)
-        if msg.startswith("no utterance"):
-            raise ApiError(404, msg) from exc
-        where = next((v for k, v in (fields or {}).items() if k in msg), loc)
-        raise _invalid(where, msg) from exc
-    except BackendUnavailable as exc:
-        raise ApiError(503, str(exc)) from exc
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ApiError(503, f"Redis is unreachable: {exc}") from exc
-    except redis.RedisError as exc:
-        raise ApiError(503, f"Redis refused the request: {type(exc).__name__}") from exc
 
 
 def _tavus_error(exc: Exception, created: bool) -> ApiError:
@@ -132,7 +100,7 @@ def _tavus_error(exc: Exception, created: bool) -> ApiError:
             return ApiError(404, f"Tavus has no such conversation: {said}")
         if isinstance(exc, TavusRejected | TavusNotFound) and created:
             field = "replica_id" if "replica" in said.lower() else "persona_id"
-            return _invalid(("body", field), f"Tavus refused the conversation: {said}")
+            return invalid(("body", field), f"Tavus refused the conversation: {said}")
         return ApiError(502, f"Tavus failed: {said}")
     return ApiError(502, f"Tavus failed: {type(exc).__name__}")
 
@@ -225,12 +193,6 @@ class _BodyLimit:
 
 _bearer = HTTPBearer(auto_error=False, description="one of the tokens in ECHOQ_API_TOKENS")
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or invalid bearer token"},
-    413: {"description": "request body too large"},
-    422: {"description": "invalid input; `loc` names the field"},
-    503: {"description": "Redis is unreachable"},
-}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such conversation (or it is not open)"}}
 
 ConvId = Annotated[str, Path(pattern=_CONV_ID, description="conversation id",
@@ -305,36 +267,36 @@ def create_app(
     # -- Tavus quickstart compatibility --------------------------------------------------------
 
     @app.post("/send_text_message", response_model=SendResult, dependencies=protected, tags=["tavus quickstart"],
-              responses={**_ERRORS, **_NOT_FOUND})
+              responses={**ERRORS, **_NOT_FOUND})
     def send_text_message(message: EchoMessage) -> SendResult:
         """Queue the body of Tavus's echo quickstart as it is: a text or audio echo becomes one
         utterance (audio is raw PCM at `sample_rate`, converted and chunked as usual), an
         interrupt interrupts. The caller's `inference_id`, when given, is used on the wire."""
         cid = message.conversation_id
         if message.event_type == "conversation.interrupt":
-            with _mapped():
+            with mapped():
                 cancelled = echoq.interrupt(cid)
             return SendResult(conversation_id=cid, state="interrupted", cancelled=cancelled)
         props = message.properties
         if props is None:
-            raise _invalid(("body", "properties"), "properties are required for conversation.echo")
+            raise invalid(("body", "properties"), "properties are required for conversation.echo")
         if props.done in (False, "false"):
-            raise _invalid(("body", "properties", "done"),
+            raise invalid(("body", "properties", "done"),
                            "each request is one whole utterance: send it all with done true (or leave done out)")
-        loc: _Loc = ("body", "properties")
+        loc: Loc = ("body", "properties")
         fields = {"inference_id": (*loc, "inference_id"), "conversation id": ("body", "conversation_id"),
                   "sample_rate": (*loc, "sample_rate"), "microphone mode": ("body", "conversation_id")}
         if props.modality == "text":
             if props.text is None:
-                raise _invalid((*loc, "text"), "text is required when modality is text")
-            with _mapped((*loc, "text"), fields):
+                raise invalid((*loc, "text"), "text is required when modality is text")
+            with mapped((*loc, "text"), fields):
                 uid = echoq.say(cid, props.text, inference_id=props.inference_id)
         else:
             if props.audio is None:
-                raise _invalid((*loc, "audio"), "audio is required when modality is audio")
+                raise invalid((*loc, "audio"), "audio is required when modality is audio")
             pcm = _b64((*loc, "audio"), props.audio)
             rate = props.sample_rate or 16000
-            with _mapped((*loc, "audio"), fields):
+            with mapped((*loc, "audio"), fields):
                 uid = echoq.play(cid, pcm, format="raw", source_rate=rate,
                                  sample_rate=rate if rate in SAMPLE_RATES else 24000, inference_id=props.inference_id)
         return SendResult(conversation_id=cid, utterance_id=uid, inference_id=props.inference_id or uid, state="queued")
@@ -342,7 +304,7 @@ def create_app(
     # -- conversations -------------------------------------------------------------------------
 
     @app.post("/v1/conversations", status_code=201, response_model=ConversationOut, dependencies=protected,
-              tags=["conversations"], responses={**_ERRORS, 502: {"description": "Tavus failed"}})
+              tags=["conversations"], responses={**ERRORS, 502: {"description": "Tavus failed"}})
     def open_conversation(body: ConversationIn) -> ConversationOut:
         """Open a conversation so a worker joins its room; with `persona_id`, create it on Tavus first."""
         tavus_info: dict[str, Any] | None = None
@@ -360,7 +322,7 @@ def create_app(
         else:
             cid, url = str(body.conversation_id), str(body.url)
         try:
-            with _mapped(("body",), {"conversation id": ("body", "conversation_id"), "url": ("body", "url")}):
+            with mapped(("body",), {"conversation id": ("body", "conversation_id"), "url": ("body", "url")}):
                 echoq.open(cid, url, mode=body.mode)
                 conv = echoq.conversation(cid)
         except ApiError as exc:
@@ -370,20 +332,20 @@ def create_app(
         return ConversationOut(**conv, tavus=tavus_info)
 
     @app.get("/v1/conversations/{conversation_id}", response_model=ConversationOut, dependencies=protected,
-             tags=["conversations"], responses={**_ERRORS, **_NOT_FOUND})
+             tags=["conversations"], responses={**ERRORS, **_NOT_FOUND})
     def show_conversation(conversation_id: ConvId) -> ConversationOut:
         """A conversation's owner, state, backlog and current utterance."""
-        with _mapped(("path", "conversation_id")):
+        with mapped(("path", "conversation_id")):
             return ConversationOut(**echoq.conversation(conversation_id))
 
     @app.post("/v1/conversations/{conversation_id}/close", status_code=202, response_model=ClosedOut,
               dependencies=protected, tags=["conversations"],
-              responses={**_ERRORS, **_NOT_FOUND, 502: {"description": "Tavus failed"}})
+              responses={**ERRORS, **_NOT_FOUND, 502: {"description": "Tavus failed"}})
     def close_conversation(conversation_id: ConvId, body: CloseIn | None = None) -> ClosedOut:
         """Stop taking utterances; the owner sends what is queued, then leaves. With
         `end_on_tavus`, the conversation is ended on Tavus first (nothing changes here if that fails)."""
         end = bool(body and body.end_on_tavus)
-        with _mapped(("path", "conversation_id")):
+        with mapped(("path", "conversation_id")):
             state = echoq.conversation(conversation_id).get("state", "")
         if end:
             try:
@@ -392,21 +354,21 @@ def create_app(
             except (TavusConfigError, TavusHTTPError) as exc:
                 raise _tavus_error(exc, created=False) from exc
         if state == "open":
-            with _mapped(("path", "conversation_id")):
+            with mapped(("path", "conversation_id")):
                 echoq.close(conversation_id)
                 state = echoq.conversation(conversation_id).get("state", "closing")
         return ClosedOut(conversation_id=conversation_id, state=state, ended_on_tavus=end)
 
     @app.post("/v1/conversations/{conversation_id}/interrupt", response_model=InterruptOut, dependencies=protected,
-              tags=["conversations"], responses={**_ERRORS, **_NOT_FOUND})
+              tags=["conversations"], responses={**ERRORS, **_NOT_FOUND})
     def interrupt(conversation_id: ConvId) -> InterruptOut:
         """Stop the utterance being sent and cancel the queued ones."""
-        with _mapped(("path", "conversation_id")):
+        with mapped(("path", "conversation_id")):
             return InterruptOut(conversation_id=conversation_id, cancelled=echoq.interrupt(conversation_id))
 
     @app.get("/v1/conversations/{conversation_id}/events", dependencies=protected, tags=["conversations"],
              response_class=StreamingResponse,
-             responses={**_ERRORS, **_NOT_FOUND,
+             responses={**ERRORS, **_NOT_FOUND,
                         200: {"description": "server-sent events: `id:` the event id, `data:` its JSON",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     def events(
@@ -420,9 +382,9 @@ def create_app(
         kept (or after `after` / `Last-Event-ID`) and then live."""
         if last_event_id is not None:
             if not _EVENT_ID_RE.match(last_event_id.strip()):
-                raise _invalid(("header", "last-event-id"), "Last-Event-ID must be an event id such as 1700000000000-0")
+                raise invalid(("header", "last-event-id"), "Last-Event-ID must be an event id such as 1700000000000-0")
             after = last_event_id.strip()
-        with _mapped(("path", "conversation_id")):
+        with mapped(("path", "conversation_id")):
             echoq.conversation(conversation_id)  # 404 before the stream starts
         stream = _event_stream(echoq, conversation_id, after, limit, stream_max_s, stream_block_ms)
         return StreamingResponse(stream, media_type="text/event-stream",
@@ -431,29 +393,29 @@ def create_app(
     # -- utterances ----------------------------------------------------------------------------
 
     @app.post("/v1/conversations/{conversation_id}/utterances", status_code=202, response_model=Queued,
-              dependencies=protected, tags=["utterances"], responses={**_ERRORS, **_NOT_FOUND})
+              dependencies=protected, tags=["utterances"], responses={**ERRORS, **_NOT_FOUND})
     def add_utterance(conversation_id: ConvId, body: UtteranceIn) -> Queued:
         """Queue text, or audio given as base64 or as an http(s) URL echoq fetches."""
         fields = {"inference_id": ("body", "inference_id"), "utterance id": ("body", "id"),
                   "sample_rate": ("body", "sample_rate"), "source_rate": ("body", "source_rate"),
                   "microphone mode": ("path", "conversation_id")}
         if body.text is not None:
-            with _mapped(("body", "text"), fields):
+            with mapped(("body", "text"), fields):
                 uid = echoq.say(conversation_id, body.text, utterance_id=body.id, inference_id=body.inference_id)
             return Queued(utterance_id=uid, conversation_id=conversation_id)
         if body.audio_base64 is not None:
             source: bytes | str = _b64(("body", "audio_base64"), body.audio_base64)
-            where: _Loc = ("body", "audio_base64")
+            where: Loc = ("body", "audio_base64")
         else:
             source, where = str(body.audio_url), ("body", "audio_url")
-        with _mapped(where, fields):
+        with mapped(where, fields):
             uid = echoq.play(conversation_id, source, sample_rate=body.sample_rate, source_rate=body.source_rate,
                              channels=body.channels, format=body.format, utterance_id=body.id,
                              inference_id=body.inference_id)
         return Queued(utterance_id=uid, conversation_id=conversation_id)
 
     @app.post("/v1/conversations/{conversation_id}/utterances/audio", status_code=202, response_model=Queued,
-              dependencies=protected, tags=["utterances"], responses={**_ERRORS, **_NOT_FOUND})
+              dependencies=protected, tags=["utterances"], responses={**ERRORS, **_NOT_FOUND})
     def upload_audio(
         conversation_id: ConvId,
         audio: Annotated[UploadFile, File(description="an audio file (wav, mp3, ogg, flac, m4a, webm) or raw PCM")],
@@ -469,19 +431,18 @@ def create_app(
         fields = {"inference_id": ("body", "inference_id"), "utterance id": ("body", "id"),
                   "sample_rate": ("body", "sample_rate"), "source_rate": ("body", "source_rate"),
                   "microphone mode": ("path", "conversation_id")}
-        with _mapped(("body", "audio"), fields):
+        with mapped(("body", "audio"), fields):
             uid = echoq.play(conversation_id, data, sample_rate=sample_rate, source_rate=source_rate,
                              channels=channels, format=format, utterance_id=id, inference_id=inference_id)
         return Queued(utterance_id=uid, conversation_id=conversation_id)
 
     @app.get("/v1/utterances/{utterance_id}", response_model=UtteranceOut, dependencies=protected,
-             tags=["utterances"], responses={**_ERRORS, 404: {"description": "no such utterance"}})
+             tags=["utterances"], responses={**ERRORS, 404: {"description": "no such utterance"}})
     def show_utterance(utterance_id: Annotated[str, Path(pattern=_UTT_ID)]) -> UtteranceOut:
         """An utterance's state, chunk counts, timings and error."""
-        with _mapped(("path", "utterance_id")):
+        with mapped(("path", "utterance_id")):
             return UtteranceOut(**echoq.status(utterance_id))
 
-    from .api_schedules import register as register_schedules  # late: it imports this module's helpers
 
     register_schedules(app, protected, echoq)
 
@@ -532,11 +493,11 @@ class _RequestLog:
                  duration_ms=ms_since(t0))
 
 
-def _b64(loc: _Loc, text: str) -> bytes:
+def _b64(loc: Loc, text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _invalid(loc, "is not valid base64") from exc
+        raise invalid(loc, "is not valid base64") from exc
 
 
 async def _event_stream(echoq: EchoqClient, conversation_id: str, after: str, limit: int | None,

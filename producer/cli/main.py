@@ -21,11 +21,11 @@ from worker.settings import get_settings
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_BACKEND = 0, 1, 2, 3, 5
 
 #: modules that add their own subcommands with ``register(subparsers)``
-COMMAND_MODULES = ("producer.cli_tavus", "producer.cli_ops", "producer.cli_api", "producer.cli_script")
+COMMAND_MODULES = ("producer.cli.tavus", "producer.cli.ops", "producer.cli.api", "producer.cli.script")
 
 
 def _client() -> Any:
-    from .client import EchoqClient
+    from ..client import EchoqClient
 
     return EchoqClient()
 
@@ -45,14 +45,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "--without-gossip", "--without-mingle", "-E", "--loglevel", args.loglevel or s.log_level,
             # scheduled scripts are producer work that runs in the worker process; the worker
             # package itself never imports producer
-            "--include", "producer.schedule_tasks"]
+            "--include", "producer.scripting.tasks"]
     sys.stdout.flush()
     os.execv(sys.executable, argv)
     return EXIT_OK  # not reached
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from worker import simulator
+    from simulator import replica as simulator
 
     return int(simulator.run_cli(args))
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "simulate", cmd_simulate, "run the replica simulator for loopback:// rooms", json_flag=False)
     try:
-        from worker import simulator
+        from simulator import replica as simulator
 
         simulator.add_arguments(p)
     except ImportError:
@@ -236,5 +236,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 Three kinds, all timezone-aware (``tz``, an IANA name, default UTC): ``cron`` (five fields,
 evaluated in ``tz`` with croniter), ``every`` (whole seconds on a grid anchored when the timing
 was set) and ``at`` (one date-time). :func:`trigger` builds the RedBeat schedule that publishes a
-timing's firings; how a firing becomes a run is :mod:`producer.schedules`.
+timing's firings; how a firing becomes a run is :mod:`producer.scripting.schedules`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from croniter import croniter
 
 from worker.errors import InvalidInput
 
-from .scripts import parse_duration
+from .script import parse_duration
 
 __all__ = ["Timing", "parse_timing", "slot_id", "parse_slot_id", "latest_slot", "next_slot", "is_slot", "trigger"]
 

@@ -28,7 +28,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .api import create_app
+        from ..api import create_app
     except ImportError as exc:
         print(f"echoq api: the HTTP API needs its extras: pip install 'echoq[api]' ({exc.name} is missing)",
               file=sys.stderr)

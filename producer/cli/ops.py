@@ -147,7 +147,7 @@ def run_flower(args: argparse.Namespace) -> int:
 def run_beat(args: argparse.Namespace) -> int:
     """Run Celery beat with RedBeat in this process, its schedule in ``settings.redis_url``."""
     settings = get_settings()
-    from producer.schedule_tasks import configure_redbeat
+    from producer.scripting.beat import configure_redbeat
     from worker.celery_app import app
 
     # RedBeat keeps the schedule and its lock in Redis; without this it would use the broker URL,

@@ -26,7 +26,7 @@ from worker.errors import EchoqError, PermanentError, UnknownConversation
 from worker.settings import Settings, get_settings
 from worker.store import FINAL_STATES
 
-from .scripts import Script, parse_script
+from .script import Script, parse_script
 
 __all__ = ["Runner", "run_key", "RUNS_DUE", "POLL_S", "BUSY_RETRY_S", "RUN_LOCK_MS", "PENDING_LINE_STATES"]
 
@@ -93,7 +93,7 @@ class Runner:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from .client import EchoqClient
+            from ..client import EchoqClient
 
             self._client = EchoqClient(redis_client=self.r, settings=self.settings)
         return self._client
@@ -251,7 +251,7 @@ class Runner:
         return _text(v) if v else None
 
     def _create_conversation(self, script: Script, run_id: str) -> str:
-        from .tavus import TavusClient
+        from ..tavus import TavusClient
 
         target = script.target
         assert target.persona_id is not None
@@ -271,7 +271,7 @@ class Runner:
     def _hint(self, run_id: str, due: float) -> None:
         """Publish this run's own pump message for ``due`` (chained when further than HINT_MAX_S),
         unless one is already on its way."""
-        from producer.schedule_tasks import HINT_MAX_S, TASK_PUMP
+        from producer.scripting.beat import HINT_MAX_S, TASK_PUMP
 
         delay = min(max(0.0, due - time.time()), HINT_MAX_S)
         if self.r.set(_hint_key(run_id), "1", nx=True, px=int((delay + 2.0) * 1000)):

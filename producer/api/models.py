@@ -1,7 +1,7 @@
 """The HTTP API's request and response bodies: pydantic models, validated before a handler runs.
 
 :mod:`producer.api` declares its routes with these; the ``/v1/schedules`` bodies are in
-:mod:`producer.api_schedules`.
+:mod:`producer.api.schedules`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 
 from worker.errors import InvalidInput
 
-from .scripts import Script, load_script
+from ..scripting.script import Script, load_script
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
 #: line states after which progress has nothing more to show
@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runs import Runner
+    from ..scripting.runs import Runner
 
     script = _script(args.file, args.conversation)
     runner = Runner.default()
@@ -176,7 +176,7 @@ def _milestones(line: dict[str, Any]) -> list[str]:
 
 
 def cmd_run_status(args: argparse.Namespace) -> int:
-    from .runs import Runner
+    from ..scripting.runs import Runner
 
     run = Runner.default().status(args.run_id)
     if run is None:
@@ -200,7 +200,7 @@ def _run_text(run: dict[str, Any]) -> str:
 
 
 def _store() -> Any:
-    from .schedules import Schedules
+    from ..scripting.schedules import Schedules
 
     return Schedules.default()
 
