@@ -4,6 +4,7 @@
   the cursor decide what is sent), so a redelivery finds nothing to do.
 - Threads pool: sessions (and daily-python, which is not fork-safe) live in the worker process.
 - Task events on, sent events on: Flower sees every task.
+- Workers outlive a Redis restart: no cancelling of running tasks on connection loss.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=False,
     worker_prefetch_multiplier=1,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Off: on a broker reconnect this path crashes the worker (AttributeError on 'hostname',
+    # celery#7185), so a Redis restart would kill every worker. A doorbell that runs twice after
+    # a reconnect is harmless: the log, the cursor and the lease decide what is sent.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_soft_shutdown_timeout=_settings.send_timeout_s,
     worker_send_task_events=True,
     task_send_sent_event=True,

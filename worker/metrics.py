@@ -38,6 +38,7 @@ FIRST_AUDIO_SECONDS = Histogram(
     "Time from enqueue to the utterance's first message in the room",
     buckets=_FIRST_AUDIO_BUCKETS,
 )
+SENDS_FENCED = Counter("echoq_sends_fenced", "Sends refused because this worker's lease was gone")
 SESSIONS_HELD = Gauge("echoq_sessions_held", "Room sessions this worker process holds")
 BACKLOG = Gauge("echoq_backlog", "Log entries not yet sent, per conversation", ["conversation_id"])
 
@@ -71,6 +72,11 @@ def message_sent(kind: str, seconds: float) -> None:
 def send_retry(reason: str) -> None:
     """Count one retried send; ``reason`` is a short, fixed word (an error class name), never a message."""
     SEND_RETRIES.labels(reason=reason).inc()
+
+
+def send_fenced() -> None:
+    """Count one message not sent because the lease had run out (a paused or cut-off worker)."""
+    SENDS_FENCED.inc()
 
 
 def first_message(seconds: float) -> None:

@@ -243,6 +243,7 @@ class MicrophoneSender(Sender):
                 if not self.transport.connected:
                     self.transport.rejoin(s.join_timeout_s)
                     step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
+                self._fenced()  # the same fence as every app message: a stale owner writes nothing
                 self.transport.write_frames(pcm, rate)
             except RetryableError as exc:  # a lost room (RoomDisconnected, JoinFailed) included
                 self._backoff(attempt, type(exc).__name__, exc)

@@ -5,19 +5,29 @@ audio: decode -> resample -> chunk, streamed, ``done`` on the last chunk), send 
 cursor after each acknowledged send. Before every message it looks at the conversation's
 interrupt generation, so an interrupt stops the utterance within one message.
 
+Right before every send the session's :class:`~worker.fencing.Fence` must be open (no Redis
+round trip); a closed fence is renewed once, and a lease that is gone stops the sender without
+sending. Once a message is out, moving the cursor is retried for as long as Redis is away: the
+position is kept in memory, the message is never sent again for it.
+
 Transient send errors are retried here with bounded exponential backoff and jitter; a lost room
 is rejoined and the message sent again. Permanent errors fail the utterance and the sender goes
-on with the next one.
+on with the next one; if the utterance had started in the room, ``conversation.interrupt`` goes
+out first, so the next utterance never interleaves with a half-sent one. A worker that is
+stopping stops at a message boundary and leaves the rest of the utterance to the next owner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
 
 from . import audio, chunks, echo, metrics
 from .errors import (
@@ -28,6 +38,7 @@ from .errors import (
     RetryableError,
     RoomDisconnected,
 )
+from .fencing import Fence, until_redis_answers
 from .logs import ms_since, step
 from .settings import Settings
 from .store import Store
@@ -36,6 +47,7 @@ from .transports import Transport
 log = logging.getLogger("echoq.sender")
 
 Progress = Callable[[str, int, int | None], None]
+T = TypeVar("T")
 
 
 class LeaseLost(EchoqError):
@@ -46,12 +58,17 @@ class Interrupted(Exception):
     """The conversation was interrupted while an utterance was being sent."""
 
 
+class Stopping(Exception):
+    """The worker is letting the conversation go: stop at this message boundary."""
+
+
 class SendExhausted(RetryableError):
     """A message could not be sent within the retry budget; the drain is tried again later."""
 
 
 class Pacer:
-    """Spaces messages: burst (optionally capped in messages per second) or audio real time."""
+    """When the next message may go: every kind is capped in messages per second; audio chunks
+    may also be held to real time."""
 
     def __init__(self, settings: Settings) -> None:
         self.realtime = settings.pacing == "realtime"
@@ -61,19 +78,30 @@ class Pacer:
         self._audio_s = 0.0
 
     def start_utterance(self) -> None:
+        """A new utterance (or the rest of one, after a hand-over) starts its real-time clock now."""
         self._t0 = time.monotonic()
         self._audio_s = 0.0
 
-    def wait(self, audio_seconds: float, wake: threading.Event) -> None:
-        now = time.monotonic()
-        due = self._last + self.min_gap
-        if self.realtime:
-            # stay about one chunk ahead of playback so the replica's buffer never runs dry
-            due = max(due, self._t0 + self._audio_s - audio_seconds)
-        if due > now:
-            wake.wait(due - now)
-        self._audio_s += audio_seconds
+    def message_due(self) -> float:
+        """When the rate cap lets the next message of any kind go (monotonic)."""
+        return self._last + self.min_gap
+
+    def sent(self) -> None:
         self._last = time.monotonic()
+
+    def audio_due(self, audio_seconds: float) -> float:
+        """When the next chunk of ``audio_seconds`` may go; counts it as played from then on."""
+        due = 0.0
+        if self.realtime:
+            now = time.monotonic()
+            # stay about one chunk ahead of playback so the replica's buffer never runs dry
+            due = self._t0 + self._audio_s - audio_seconds
+            if now - due > audio_seconds:
+                # more than a chunk late (a stall, a retry): the room has heard a gap already, and
+                # catching up would burst; the clock starts again here instead
+                self._t0, due = now - self._audio_s + audio_seconds, now
+        self._audio_s += audio_seconds
+        return due
 
 
 class Sender:
@@ -89,12 +117,15 @@ class Sender:
         token: str,
         wake: threading.Event,
         stopping: Callable[[], bool],
+        epoch: int | None = None,
     ) -> None:
         self.cid = conversation_id
         self.store = store
         self.transport = transport
         self.settings = settings
         self.token = token
+        self.epoch = epoch
+        self.fence = Fence(settings.lease_ttl_s, settings.lease_margin_s)
         self.wake = wake
         self.stopping = stopping
         self.pacer = Pacer(settings)
@@ -123,6 +154,9 @@ class Sender:
                     self._send_entry(entry, first_chunk, progress)
                 except Interrupted:
                     break
+                except Stopping:
+                    step(log, "sender.stopped", conversation=self.cid, seq=entry["seq"])
+                    return handled
                 handled += 1
         return handled
 
@@ -136,8 +170,7 @@ class Sender:
                 if rec.get("state") == "sending":
                     self._mark_interrupted(entry)
         self._announce_interrupt()
-        if self.store.advance(self.cid, self.token, max(done_seq, upto), 0, gen) is None:
-            raise LeaseLost(f"lease on {self.cid} lost")
+        self._advance(max(done_seq, upto), 0, gen)
         self.gen = gen
         self.store.add_event(self.cid, {"type": "interrupt.sent", "upto": upto})
         step(log, "interrupt.sent", conversation=self.cid, upto=upto, ms=ms_since(t0))
@@ -148,8 +181,12 @@ class Sender:
 
     def _mark_interrupted(self, entry: dict[str, Any]) -> None:
         uid, seq = entry["utterance_id"], entry["seq"]
-        self.store.update_utterance(uid, state="interrupted", finished_at=f"{time.time():.6f}")
-        self.store.add_event(self.cid, {"type": "utterance.interrupted", "utterance_id": uid, "seq": seq})
+
+        def record() -> None:
+            self.store.update_utterance(uid, state="interrupted", finished_at=f"{time.time():.6f}")
+            self.store.add_event(self.cid, {"type": "utterance.interrupted", "utterance_id": uid, "seq": seq})
+
+        self._record(record, "interrupted utterance")
         metrics.utterance_finished("interrupted")
         step(log, "utterance.interrupted", conversation=self.cid, utterance=uid, seq=seq)
 
@@ -175,17 +212,38 @@ class Sender:
             self._mark_interrupted(entry)
             raise
         except PermanentError as exc:
-            self._advance(seq, 0)
-            self.store.update_utterance(uid, state="failed", error=str(exc), finished_at=f"{time.time():.6f}")
-            self.store.add_event(self.cid, {"type": "utterance.failed", "utterance_id": uid, "seq": seq, "error": str(exc)})
-            metrics.utterance_finished("failed")
-            step(log, "utterance.failed", logging.WARNING, conversation=self.cid, utterance=uid, seq=seq, reason=str(exc))
+            self._fail(entry, exc, cut=bool(entry.get("_first_sent")) or first_chunk > 0)
             return
-        state = self.store.mark_sent(uid, sent)
-        self.store.add_event(self.cid, {"type": "utterance.sent", "utterance_id": uid, "seq": seq, "messages": sent})
-        self.store.drop_blob(uid)
+
+        def record() -> str:
+            state = self.store.mark_sent(uid, sent)
+            self.store.add_event(self.cid, {"type": "utterance.sent", "utterance_id": uid, "seq": seq, "messages": sent})
+            self.store.drop_blob(uid)
+            return state
+
+        state = self._record(record, "sent utterance")
         metrics.utterance_finished(state)
         step(log, "utterance.sent", conversation=self.cid, utterance=uid, seq=seq, messages=sent, ms=ms_since(t0))
+
+    def _fail(self, entry: dict[str, Any], exc: PermanentError, *, cut: bool) -> None:
+        """Fail one utterance and go on. ``cut``: part of it is in the room already, so the room
+        hears ``conversation.interrupt`` before anything else (no ``done`` will ever come)."""
+        uid, seq = entry["utterance_id"], int(entry["seq"])
+        error = str(exc)
+        if cut:
+            self._announce_interrupt()
+            error = f"{error} (cut mid-utterance: conversation.interrupt sent)"
+        self._advance(seq, 0)
+
+        def record() -> None:
+            self.store.update_utterance(uid, state="failed", error=error, finished_at=f"{time.time():.6f}")
+            self.store.add_event(self.cid, {"type": "utterance.failed", "utterance_id": uid, "seq": seq, "error": error,
+                                            "interrupt_sent": cut})
+
+        self._record(record, "failed utterance")
+        metrics.utterance_finished("failed")
+        step(log, "utterance.failed", logging.WARNING, conversation=self.cid, utterance=uid, seq=seq, reason=str(exc),
+             interrupt_sent=cut)
 
     def _send_text(self, entry: dict[str, Any]) -> int:
         message = echo.text_echo(self.cid, entry["text"], entry["inference_id"], max_bytes=self.settings.max_message_bytes)
@@ -218,7 +276,7 @@ class Sender:
         def put(pcm: bytes, last: bool) -> None:
             message = echo.audio_echo(self.cid, pcm, rate, entry["inference_id"], last,
                                       max_bytes=self.settings.max_message_bytes)
-            self.pacer.wait(len(pcm) / (2 * rate), self.wake)
+            self._wait_until(self.pacer.audio_due(len(pcm) / (2 * rate)))
             self._send(message, kind="audio", entry=entry)
 
         try:
@@ -241,6 +299,8 @@ class Sender:
                 continue
             if index == first_chunk:  # later pieces learn of interrupts from each cursor move
                 self._check_interrupt()
+            if self.stopping():  # the cursor is at this piece: the next owner starts here
+                raise Stopping()
             put(pcm, last)
             if last:
                 self._advance(seq, 0)
@@ -249,7 +309,8 @@ class Sender:
             if progress is not None:
                 progress(uid, index + 1, total if not last else index + 1)
             if index % every == 0:
-                self.store.update_utterance(uid, chunks_sent=index + 1)
+                with contextlib.suppress(redis.RedisError):  # a count for people; the cursor is the truth
+                    self.store.update_utterance(uid, chunks_sent=index + 1)
         if index < 0:
             raise PermanentError("the audio has no samples")
         return index + 1
@@ -261,23 +322,72 @@ class Sender:
         if gen > self.gen:
             raise Interrupted()
 
-    def _advance(self, seq: int, chunk: int) -> None:
-        gen = self.store.advance(self.cid, self.token, seq, chunk)
-        if gen is None:
+    def _record(self, call: Callable[[], T], what: str) -> T:
+        """Bookkeeping for what is already in the room: waits for Redis rather than failing."""
+        return until_redis_answers(call, what=what, conversation=self.cid, wake=self.wake, give_up=self.stopping,
+                                   max_delay_s=self.settings.redis_retry_max_delay_s)
+
+    def _advance(self, seq: int, chunk: int, gen: int | None = None) -> None:
+        """Record that everything before (seq, chunk) is in the room. Fenced by the lease token;
+        retried (not the send) while Redis is away; each move also renews the lease."""
+        ttl = self.settings.lease_ttl_s
+
+        def move() -> int | None:
+            requested = time.monotonic()
+            current = self.store.advance(self.cid, self.token, seq, chunk, gen, epoch=self.epoch, ttl_s=ttl)
+            if current is not None:
+                self.fence.renewed(requested)
+            return current
+
+        current = self._record(move, "cursor")
+        if current is None:
             raise LeaseLost(f"lease on conversation {self.cid} lost")
-        if gen > self.gen and chunk:
+        if current > self.gen and chunk:
             raise Interrupted()
+
+    def _fenced(self) -> None:
+        """Return only if this process may send now: its fence is open, or a renewal just opened
+        it. Costs no Redis round trip while the fence is open."""
+        if self.fence.is_open():
+            return
+        ttl = self.settings.lease_ttl_s
+
+        def renew() -> bool:
+            requested = time.monotonic()
+            held = self.store.renew_lease(self.cid, self.token, ttl, self.epoch)
+            if held:
+                self.fence.renewed(requested)
+            return held
+
+        if not self._record(renew, "lease") or not self.fence.is_open():
+            metrics.send_fenced()
+            step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
+            raise LeaseLost(f"lease on conversation {self.cid} lost before a send: nothing sent")
+
+    def _wait_until(self, due: float, *, interruptible: bool = True) -> None:
+        """Wait for ``due`` (monotonic). A wake-up (an interrupt, a stop) is looked at at once and
+        then cleared, so it cannot make later waits return early."""
+        while (delay := due - time.monotonic()) > 0:
+            if self.wake.wait(delay):
+                self.wake.clear()
+                if interruptible:
+                    self._check_interrupt()
+                    if self.stopping():
+                        raise Stopping()
 
     def _send(self, message: dict[str, Any], *, kind: str, entry: dict[str, Any] | None = None) -> None:
         """Send one message with retries; rejoin the room when the connection is gone."""
         s = self.settings
         for attempt in range(s.retry_max_attempts):
+            self._wait_until(self.pacer.message_due(), interruptible=kind != "interrupt")
             t0 = time.monotonic()
             try:
                 if not self.transport.connected:
                     self.transport.rejoin(s.join_timeout_s)
                     step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
+                self._fenced()
                 self.transport.send(message)
+                self.pacer.sent()
             except MessageTooLarge:
                 raise
             except (RoomDisconnected, JoinFailed) as exc:

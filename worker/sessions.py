@@ -44,12 +44,13 @@ class Session:
     """One conversation's room connection and its ordered sender."""
 
     def __init__(self, manager: SessionManager, conversation_id: str, url: str, mode: str, token: str,
-                 transport: Transport) -> None:
+                 transport: Transport, epoch: int | None = None, taken_at: float | None = None) -> None:
         self.manager = manager
         self.cid = conversation_id
         self.url = url
         self.mode = mode
         self.token = token
+        self.epoch = epoch
         self.transport = transport
         self.wake = threading.Event()
         self.lock = threading.Lock()
@@ -57,14 +58,17 @@ class Session:
         self.draining = False
         self.replica_ready = False
         self.stopped = False
-        self.renewed_at = time.monotonic()
+        self.renewed_at = time.monotonic() if taken_at is None else taken_at
         sender_cls: type[Sender] = Sender
         if mode == "microphone":
             from .microphone import MicrophoneSender
 
             sender_cls = MicrophoneSender
         self.sender = sender_cls(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
-                                 token=token, wake=self.wake, stopping=lambda: self.stopped)
+                                 token=token, wake=self.wake, stopping=lambda: self.stopped, epoch=epoch)
+        # the fence opens from when the lease was *requested*, never from when this ran
+        self.fence = self.sender.fence
+        self.fence.renewed(self.renewed_at)
 
     def drain(self, progress: Progress | None = None) -> int:
         """Send the backlog. Only one thread sends; a second caller leaves a note and returns."""
@@ -112,6 +116,7 @@ class SessionManager:
         self._adopting: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._free_since: dict[str, float] = {}
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
@@ -169,7 +174,9 @@ class SessionManager:
         if not conv or conv.get("state") == "closed":
             return None
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
-        if not self.store.take_lease(cid, token, self.settings.lease_ttl_s):
+        taken_at = time.monotonic()
+        epoch = self.store.take_lease(cid, token, self.settings.lease_ttl_s)
+        if not epoch:
             return None
         if (self.store.conversation(cid) or {}).get("state") == "closed":  # closed while we looked
             self.store.release_lease(cid, token)
@@ -189,7 +196,7 @@ class SessionManager:
             self.store.release_lease(cid, token)
             self._note_failure(cid, exc)
             return None
-        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport)
+        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport, epoch, taken_at)
         with self._lock:
             self.sessions[cid] = session
         self._failures.pop(cid, None)
@@ -276,11 +283,15 @@ class SessionManager:
         now = time.monotonic()
         for cid, session in list(self.sessions.items()):
             if now - session.renewed_at >= s.lease_ttl_s / 3:
-                if not self.store.renew_lease(cid, session.token, s.lease_ttl_s):
+                requested = time.monotonic()
+                # with the epoch: a lease that ran out during a Redis outage and that nobody took
+                # meanwhile comes back to this owner, which resumes where it was
+                if not self.store.renew_lease(cid, session.token, s.lease_ttl_s, session.epoch):
                     step(log, "lease.lost", logging.WARNING, conversation=cid, worker=self.hostname)
                     self.drop(cid, "lease lost", release=False)
                     continue
-                session.renewed_at = now
+                session.renewed_at = requested
+                session.fence.renewed(requested)
             backlog = self.store.backlog(cid)
             metrics.backlog(cid, backlog)
             conv = self.store.conversation(cid) or {}
@@ -292,11 +303,20 @@ class SessionManager:
             {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": s.max_sessions}))
         if self.shutting_down or len(self.sessions) >= s.max_sessions:
             return
+        free = set()
         for cid in self.store.open_conversations():
             if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
                 continue
             if self.store.lease_owner(cid) is None:
-                self._pool.submit(self.adopt, cid)
+                free.add(cid)
+                # free on two scans at least two intervals apart: after a Redis outage every lease
+                # has run out at once, and the owner (which renews on its first scan back) keeps
+                # its conversations instead of losing them to a race it would often lose
+                if now - self._free_since.setdefault(cid, now) >= 2 * s.scan_interval_s:
+                    self._free_since.pop(cid, None)
+                    self._pool.submit(self.adopt, cid)
+        for cid in set(self._free_since) - free:
+            del self._free_since[cid]
 
     # room events ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SAMPLE_RATES = (16000, 24000)
@@ -49,6 +49,10 @@ class Settings(BaseSettings):
 
     # Ownership
     lease_ttl_s: float = Field(default=10.0, gt=0)
+    lease_safety_margin_s: float | None = Field(
+        default=None, ge=0,
+        description="How long before its lease runs out a sender stops sending; a quarter of the TTL when unset")
+    redis_retry_max_delay_s: float = Field(default=1.0, gt=0, description="Longest pause between retries while Redis is down")
     scan_interval_s: float = Field(default=1.0, gt=0)
     max_sessions: int = Field(default=50, ge=1, description="Conversations one worker process holds")
     worker_concurrency: int = Field(default=8, ge=1)
@@ -80,6 +84,22 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper()
+
+    @model_validator(mode="after")
+    def _fence(self) -> Settings:
+        # the lease is renewed every third of its TTL (plus one scan): a margin past what is left
+        # after that would close the fence between two renewals of a healthy owner
+        if self.lease_margin_s >= self.lease_ttl_s * 2 / 3 - self.scan_interval_s:
+            raise ValueError(f"lease_safety_margin_s ({self.lease_margin_s:g}) must be under two thirds of "
+                             f"lease_ttl_s ({self.lease_ttl_s:g}) minus scan_interval_s ({self.scan_interval_s:g})")
+        return self
+
+    @property
+    def lease_margin_s(self) -> float:
+        """The safety margin of the send fence (see :class:`worker.sender.Fence`)."""
+        if self.lease_safety_margin_s is None:
+            return self.lease_ttl_s / 4
+        return self.lease_safety_margin_s
 
     @property
     def broker(self) -> str:

@@ -65,13 +65,32 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'data',
 return {gen, cancelled}
 """
 
-# KEYS: lease, cursor, conversation ; ARGV: token, seq, chunk, gen-or-""
-# Moves the cursor if the caller still holds the lease; returns {1, interrupt_gen} or {0, 0}.
-_ADVANCE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, 0} end
-redis.call('HSET', KEYS[2], 'seq', ARGV[2], 'chunk', ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'gen', ARGV[4]) end
-return {1, tonumber(redis.call('HGET', KEYS[3], 'interrupt_gen') or '0')}
+# A lease that ran out while its holder could not reach Redis (an outage, a stall) may be taken
+# back by that holder only if nobody took it since: every take and every release bumps the
+# conversation's lease_epoch, and the holder presents the epoch it took.
+# KEYS: lease, conversation ; ARGV: token, epoch, ttl ms
+_LEASE_HELD = """
+local function lease_held(token, epoch, ttl)
+  local holder = redis.call('GET', KEYS[1])
+  if holder == token then
+    if ttl ~= '' then redis.call('PEXPIRE', KEYS[1], ttl) end
+    return true
+  end
+  if holder or epoch == '' or ttl == '' then return false end
+  if redis.call('HGET', KEYS[2], 'lease_epoch') ~= epoch then return false end
+  redis.call('SET', KEYS[1], token, 'PX', ttl)
+  return true
+end
+"""
+
+# KEYS: lease, conversation, cursor ; ARGV: token, epoch-or-"", ttl-ms-or-"", seq, chunk, gen-or-""
+# Moves the cursor if the caller still holds the lease (renewing it when a TTL is given);
+# returns {1, interrupt_gen} or {0, 0}.
+_ADVANCE = _LEASE_HELD + """
+if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0} end
+redis.call('HSET', KEYS[3], 'seq', ARGV[4], 'chunk', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'gen', ARGV[6]) end
+return {1, tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')}
 """
 
 # KEYS: utterance ; ARGV: now — queued (or a resumed sending) -> sending; 0 when cancelled meanwhile
@@ -108,15 +127,34 @@ if state == 'spoken' or state == 'interrupted' then return '' end
 return state or ''
 """
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+# KEYS: lease, conversation ; ARGV: token, epoch-or-"", ttl ms
+_RENEW = _LEASE_HELD + """
+if lease_held(ARGV[1], ARGV[2], ARGV[3]) then return 1 end
 return 0
 """
 
+# KEYS: lease, conversation ; ARGV: token, ttl ms — the new epoch, or 0 when someone holds it
+_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+return redis.call('HINCRBY', KEYS[2], 'lease_epoch', 1)
+"""
+
+# KEYS: lease, conversation ; ARGV: token
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('HINCRBY', KEYS[2], 'lease_epoch', 1)
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
+
+
+def _arg(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else str(max(1, int(seconds * 1000)))
 
 
 def text(value: Any) -> str:
@@ -141,6 +179,7 @@ class Store:
         self._advance = client.register_script(_ADVANCE)
         self._start = client.register_script(_START)
         self._renew = client.register_script(_RENEW)
+        self._take = client.register_script(_TAKE)
         self._mark_sent = client.register_script(_MARK_SENT)
         self._mark_spoken = client.register_script(_MARK_SPOKEN)
         self._release = client.register_script(_RELEASE)
@@ -231,11 +270,17 @@ class Store:
         raw: Any = self.r.hmget(keys.conv_cursor(conversation_id), ["seq", "chunk", "gen"])
         return Cursor(*(int(x) if x is not None else 0 for x in raw))
 
-    def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None) -> int | None:
-        """Move the cursor; the conversation's interrupt generation, or None when the lease is lost."""
+    def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None, *,
+                epoch: int | None = None, ttl_s: float | None = None) -> int | None:
+        """Move the cursor; the conversation's interrupt generation, or None when the lease is lost.
+
+        With ``ttl_s`` the move also renews the lease (so a sender's fence moves with every
+        message), and with ``epoch`` too it takes back a lease that ran out while nobody else
+        took it (see ``_LEASE_HELD``).
+        """
         ok, current_gen = self._advance(
-            keys=[keys.lease(conversation_id), keys.conv_cursor(conversation_id), keys.conversation(conversation_id)],
-            args=[token, seq, chunk, "" if gen is None else gen],
+            keys=[keys.lease(conversation_id), keys.conversation(conversation_id), keys.conv_cursor(conversation_id)],
+            args=[token, _arg(epoch), _ms(ttl_s), seq, chunk, _arg(gen)],
         )
         return int(current_gen) if ok else None
 
@@ -310,14 +355,19 @@ class Store:
 
     # leases --------------------------------------------------------------------------------
 
-    def take_lease(self, conversation_id: str, token: str, ttl_s: float) -> bool:
-        return bool(self.r.set(keys.lease(conversation_id), token, nx=True, px=int(ttl_s * 1000)))
+    def take_lease(self, conversation_id: str, token: str, ttl_s: float) -> int:
+        """Take a free lease: its epoch (1, 2, …), or 0 when someone holds it."""
+        lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
+        return int(self._take(keys=lease_keys, args=[token, _ms(ttl_s)]))
 
-    def renew_lease(self, conversation_id: str, token: str, ttl_s: float) -> bool:
-        return bool(self._renew(keys=[keys.lease(conversation_id)], args=[token, int(ttl_s * 1000)]))
+    def renew_lease(self, conversation_id: str, token: str, ttl_s: float, epoch: int | None = None) -> bool:
+        """Extend the lease ``token`` holds; with ``epoch``, take it back if it ran out untaken."""
+        lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
+        return bool(self._renew(keys=lease_keys, args=[token, _arg(epoch), _ms(ttl_s)]))
 
     def release_lease(self, conversation_id: str, token: str) -> bool:
-        return bool(self._release(keys=[keys.lease(conversation_id)], args=[token]))
+        lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
+        return bool(self._release(keys=lease_keys, args=[token]))
 
     def lease_owner(self, conversation_id: str) -> str | None:
         v = self.r.get(keys.lease(conversation_id))

@@ -50,9 +50,14 @@ def drain(self: Any, conversation_id: str) -> dict[str, Any]:
             last[0] = now
             meta = {"conversation_id": conversation_id, "utterance_id": utterance_id, "chunks_sent": sent,
                     "chunks_total": total}
-            self.update_state(state=PROGRESS_STATE, meta=meta)
             shown = total if total is not None else "?"
-            self.send_event(PROGRESS_EVENT, result=f"sending {utterance_id}: {sent}/{shown} chunks", **meta)
+            # progress is for people watching; a message already in the room must not fail
+            # because the backend or the broker is away for a moment
+            try:
+                self.update_state(state=PROGRESS_STATE, meta=meta)
+                self.send_event(PROGRESS_EVENT, result=f"sending {utterance_id}: {sent}/{shown} chunks", **meta)
+            except Exception as exc:
+                log.debug("progress of %s not reported: %s", conversation_id, exc)
 
     handled = manager().drain(conversation_id, progress if self.request.id else None)
     return {"conversation_id": conversation_id, "utterances": handled}
