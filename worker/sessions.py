@@ -187,6 +187,7 @@ class SessionManager:
         try:
             transport = open_transport(conv["url"], redis_client=self.redis, settings=self.settings,
                                        on_event=lambda ev: self._events.put((cid, ev)))
+            transport.origin = token
             transport.join(self.settings.join_timeout_s)
         except Exception as exc:
             if not isinstance(exc, EchoqError):

@@ -127,11 +127,12 @@ def workers(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Workers]:
 
 
 @contextlib.contextmanager
-def running_simulator(redis_client: redis.Redis, out: Path, speed: float = 50.0) -> Iterator[Any]:
+def running_simulator(redis_client: redis.Redis, out: Path, speed: float = 50.0, url: str = TEST_REDIS_URL
+                      ) -> Iterator[Any]:
     """The replica simulator in a thread, present in the room until the block ends."""
     from simulator import Simulator
 
-    sim = Simulator(redis.Redis.from_url(TEST_REDIS_URL), out, speed=speed)
+    sim = Simulator(redis.Redis.from_url(url), out, speed=speed)
     stop = threading.Event()
     thread = threading.Thread(target=sim.run, args=(stop,), daemon=True)
     thread.start()

@@ -21,6 +21,9 @@ class Transport(abc.ABC):
     def __init__(self, url: str, on_event: EventHandler | None = None) -> None:
         self.url = url
         self.on_event = on_event
+        #: who sends (the lease token); a transport that keeps metadata beside each message
+        #: records it there, never in the message itself
+        self.origin = ""
 
     @abc.abstractmethod
     def join(self, timeout: float) -> None:

@@ -132,7 +132,8 @@ class LoopbackTransport(Transport):
         if self.fail_rate and self._dice.random() < self.fail_rate:
             raise SendFailed(f"send to loopback room {self.room!r} failed (injected)")
         try:
-            self._redis.xadd(self._stream, {"data": data})
+            # origin beside data: tests tell which process sent what; the message stays the wire message
+            self._redis.xadd(self._stream, {"data": data, "origin": self.origin})
         except redis.RedisError as exc:
             raise SendFailed(f"loopback room {self.room!r}: {exc}") from exc
         self._sent_on_join += 1
