@@ -31,6 +31,8 @@ app.conf.update(
     # celery#7185), so a Redis restart would kill every worker. A doorbell that runs twice after
     # a reconnect is harmless: the log, the cursor and the lease decide what is sent.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    # and a consumer that does not exit when closing the lost connection fails (worker/consumer.py)
+    worker_consumer="worker.consumer:Consumer",
     worker_soft_shutdown_timeout=_settings.send_timeout_s,
     worker_send_task_events=True,
     task_send_sent_event=True,

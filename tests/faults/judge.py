@@ -144,6 +144,10 @@ def judge(stream: list[Sent], expected: list[tuple[str, str | list[bytes]]], *, 
         v.chunks += len(want)
         got = [base64.b64decode(m["properties"]["audio"]) for m in msgs]
         matched, repeats, strays = _match(got, want)
+        if repeats:
+            origins = [s.origin.split(":")[0] for s in stream if s.message.get("event_type") == "conversation.echo"
+                       and s.message["properties"]["inference_id"] == iid]
+            v.problems.append(f"{iid}: {repeats} repeated chunk(s); senders in order {_runs(origins)}")
         v.repeated += repeats
         v.reordered += strays
         if iid in may_cut and iid in cut and not any(dones):
@@ -153,6 +157,16 @@ def judge(stream: list[Sent], expected: list[tuple[str, str | list[bytes]]], *, 
             v.bad_ends += 1
             v.problems.append(f"{iid}: done flags {dones.count(True)} true, last {dones[-1] if dones else None}")
     return v
+
+
+def _runs(items: list[str]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for x in items:
+        if out and out[-1][0] == x:
+            out[-1] = (x, out[-1][1] + 1)
+        else:
+            out.append((x, 1))
+    return out
 
 
 def _match(got: list[bytes], want: list[bytes]) -> tuple[int, int, int]:

@@ -25,6 +25,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -45,6 +46,21 @@ from ..errors import (
 from .base import EventHandler, Transport
 
 log = logging.getLogger("echoq.loopback")
+
+# A send whose reply was lost (Redis stalled past the client's socket timeout, and ran it later)
+# is retried by the sender; a room takes one send once, so the retry must not append again. The
+# retry carries the same send id, and the recent entries are looked at for it.
+# KEYS: stream ; ARGV: data, origin, send id
+_APPEND_ONCE = """
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 8)) do
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'send_id' and f[i + 1] == ARGV[3] then return 0 end
+  end
+end
+redis.call('XADD', KEYS[1], '*', 'data', ARGV[1], 'origin', ARGV[2], 'send_id', ARGV[3])
+return 1
+"""
 
 
 def parse_loopback_url(url: str) -> tuple[str, dict[str, str]]:
@@ -83,6 +99,11 @@ class LoopbackTransport(Transport):
         self._joined = False
         self._sent_on_join = 0
         self._recent: deque[float] = deque()
+        self._append = redis_client.register_script(_APPEND_ONCE)
+        self._send_prefix = uuid.uuid4().hex[:8]
+        self._sends = 0
+        # the message whose append may or may not have happened (its reply was lost), and its id
+        self._unsure: tuple[dict[str, Any], str] | None = None
 
     @property
     def connected(self) -> bool:
@@ -131,11 +152,18 @@ class LoopbackTransport(Transport):
             self._recent.append(now)
         if self.fail_rate and self._dice.random() < self.fail_rate:
             raise SendFailed(f"send to loopback room {self.room!r} failed (injected)")
+        if self._unsure is not None and self._unsure[0] is message:
+            send_id = self._unsure[1]  # the retry of a send whose outcome is unknown
+        else:
+            self._sends += 1
+            send_id = f"{self._send_prefix}:{self._sends}"
         try:
             # origin beside data: tests tell which process sent what; the message stays the wire message
-            self._redis.xadd(self._stream, {"data": data, "origin": self.origin})
+            self._append(keys=[self._stream], args=[data, self.origin, send_id])
         except redis.RedisError as exc:
+            self._unsure = (message, send_id)
             raise SendFailed(f"loopback room {self.room!r}: {exc}") from exc
+        self._unsure = None
         self._sent_on_join += 1
 
     def write_frames(self, pcm: bytes, sample_rate: int) -> None:

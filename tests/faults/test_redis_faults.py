@@ -1,0 +1,96 @@
+"""Redis restarts and stalls: workers stay up, wait it out, and resume every conversation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.faults.conftest import Rig, wait_for
+from tests.faults.judge import Verdict, expected_chunks, judge, noise_wav, sent
+from worker.errors import BackendUnavailable
+
+pytestmark = [pytest.mark.redis, pytest.mark.faults]
+
+PACED = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"}
+ROOMS = ("r0", "r1")
+
+
+def _enqueue(rig: Rig) -> dict[str, list[tuple[str, Any]]]:
+    """Two conversations, each with audio and text, paced so the fault lands mid-utterance."""
+    out: dict[str, list[tuple[str, Any]]] = {}
+    for n, room in enumerate(ROOMS):
+        rig.client.open(f"conv-{room}", f"loopback://{room}")
+        items: list[tuple[str, Any]] = []
+        for i in range(3):
+            clip = noise_wav(rig.tmp / f"{room}-{i}.wav", 1.6, seed=10 * n + i)
+            items.append((rig.client.play(f"conv-{room}", clip, utterance_id=f"{room}-a{i}"), expected_chunks(clip)))
+            items.append((rig.client.say(f"conv-{room}", f"{room} line {i}", utterance_id=f"{room}-t{i}"), f"{room} line {i}"))
+        out[room] = items
+    return out
+
+
+def _all_delivered(rig: Rig, expected: dict[str, list[tuple[str, Any]]]) -> None:
+    for items in expected.values():
+        for uid, _ in items:
+            assert rig.client.wait(uid, timeout=25)["state"] in ("sent", "spoken"), uid
+
+
+def _resumed_after(rig: Rig, since: float) -> float:
+    """Seconds from ``since`` (wall clock, Redis back) until the first message Redis took after it."""
+    firsts = [s.ms / 1000 for room in ROOMS for s in sent(rig.client_redis, room) if s.ms / 1000 >= since]
+    return round(min(firsts) - since, 2) if firsts else float("nan")
+
+
+def _verdict(rig: Rig, expected: dict[str, list[tuple[str, Any]]]) -> Verdict:
+    total = Verdict()
+    for room, items in expected.items():
+        total.add(judge(sent(rig.client_redis, room), items))
+    return total
+
+
+@pytest.mark.parametrize(("outage_s", "workers"), [(3, 1), (3, 2), (12, 2)])
+def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures: dict[str, Any], outage_s: int,
+                                                               workers: int) -> None:
+    procs = rig.start_workers(workers, **PACED)
+    expected = _enqueue(rig)
+    wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
+    rig.redis.shutdown()  # SHUTDOWN: the AOF is written, then Redis exits
+    with pytest.raises(BackendUnavailable, match="unreachable"):
+        rig.client.say("conv-r0", "while Redis is down")
+    time.sleep(outage_s)  # the injected fault is an outage of this length
+    rig.redis.start()
+    back_at = time.time()
+    assert all(p.proc.poll() is None for p in procs), "a worker died while Redis was down"
+    late = rig.client.say("conv-r0", "after the restart", utterance_id="late")
+    expected["r0"].append((late, "after the restart"))
+    _all_delivered(rig, expected)
+    assert all(p.proc.poll() is None for p in procs), "a worker died after Redis came back"
+
+    verdict = _verdict(rig, expected)
+    figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
+                   resumed_after_s=_resumed_after(rig, back_at),
+                   **verdict.figures())
+    assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,
+            verdict.bad_ends) == (0, 0, 0, 0, 0, 0), verdict.problems
+
+
+def test_redis_frozen_for_ten_seconds_loses_nothing(rig: Rig, figures: dict[str, Any]) -> None:
+    procs = rig.start_workers(2, **PACED)
+    expected = _enqueue(rig)
+    wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
+    rig.redis.freeze()
+    try:
+        time.sleep(10)  # the injected fault: Redis stalled (SIGSTOP) for 10 s
+    finally:
+        rig.redis.thaw()
+    back_at = time.time()
+    _all_delivered(rig, expected)
+    assert all(p.proc.poll() is None for p in procs)
+    verdict = _verdict(rig, expected)
+    figures.update(fault="Redis frozen (SIGSTOP) for 10 s", workers=2,
+                   resumed_after_s=_resumed_after(rig, back_at), **verdict.figures())
+    assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \
+        verdict.problems
+    assert verdict.repeated <= 1
