@@ -41,6 +41,7 @@ import yaml
 from worker import echo, keys
 from worker.errors import InvalidInput, TextTooLong
 from worker.settings import SAMPLE_RATES
+from worker.text import text_problem
 
 #: the longest pause or offset a script may ask for
 MAX_DELAY_S = 24 * 3600.0
@@ -299,6 +300,8 @@ def _line(n: int, raw: Any, base_dir: Path | None, check_audio: bool, target: Ta
     elif text is not None:
         if not isinstance(text, str) or not text.strip():
             bad(n, "text", "must be non-empty text")
+        elif (problem := text_problem(text)) is not None:
+            bad(n, "text", problem)
         else:
             conv = target.conversation_id if target and target.conversation_id else _ID_ROOM
             try:

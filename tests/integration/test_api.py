@@ -251,8 +251,10 @@ def test_quickstart_curl_body_makes_the_simulator_hear_hello_there(
 
 
 def test_v1_conversation_and_utterance_resources_end_to_end(
-    workers: Workers, simulator: Any, api: Api, redis_client: redis.Redis, tmp_path: Path
+    workers: Workers, simulator: Any, serve: Callable[..., Api], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
+    # the audio URL below is on this machine, which only the allow-list lets the API fetch
+    api = serve(client=EchoqClient(TEST_REDIS_URL, settings=Settings(fetch_allow_hosts="127.0.0.1")))
     workers.start(1)
     conv = open_loopback(api, "v1", "v1-room")
     assert conv["id"] == "v1" and conv["state"] == "open" and conv["url"] == "loopback://v1-room"
