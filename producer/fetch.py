@@ -118,11 +118,13 @@ def fetch(url: str, *, max_bytes: int, deadline_s: float, allow: AllowList | Non
                 raise AudioError(f"fetching audio from {redact(current)} answered HTTP {resp.status}")
             return _body(conn, resp, max_bytes, deadline, deadline_s, current)
         finally:
+            resp.close()
             conn.close()
     raise UnsafeURL(f"fetching {redact(url)} was redirected more than {max_redirects} times")
 
 
-def _request(url: str, allow: AllowList, deadline: float, deadline_s: float) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+def _request(url: str, allow: AllowList, deadline: float,
+             deadline_s: float) -> tuple[_PinnedConnection, http.client.HTTPResponse]:
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -139,8 +141,11 @@ def _request(url: str, allow: AllowList, deadline: float, deadline_s: float) -> 
     conn = _PinnedConnection(scheme, host, port, addresses, _remaining(deadline, deadline_s, url))
     try:
         conn.request("GET", path, headers={"User-Agent": "echoq", "Accept": "*/*"})
-        conn.sock.settimeout(_remaining(deadline, deadline_s, url))
+        conn.wait_at_most(_remaining(deadline, deadline_s, url))
         return conn, conn.getresponse()
+    except ValueError as exc:  # http.client refuses a path with characters HTTP cannot carry
+        conn.close()
+        raise UnsafeURL(f"not a URL echoq can fetch: {redact(url)} ({type(exc).__name__})") from exc
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
         raise _failed(exc, url, deadline, deadline_s) from exc
@@ -168,7 +173,7 @@ def _resolve(url: str, host: str, port: int, deadline: float, deadline_s: float)
     def lookup() -> None:
         try:
             out.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             out.append(exc)
 
     thread = threading.Thread(target=lookup, daemon=True, name="echoq-fetch-dns")
@@ -176,7 +181,7 @@ def _resolve(url: str, host: str, port: int, deadline: float, deadline_s: float)
     thread.join(_remaining(deadline, deadline_s, url))
     if not out:
         raise AudioError(f"could not fetch audio from {redact(url)}: it took longer than the deadline of {deadline_s:g} s")
-    if isinstance(out[0], OSError):
+    if isinstance(out[0], OSError | UnicodeError):
         raise AudioError(f"could not fetch audio from {redact(url)}: {host} does not resolve")
     return list(out[0])  # type: ignore[call-overload]
 
@@ -187,12 +192,20 @@ class _PinnedConnection(http.client.HTTPConnection):
     def __init__(self, scheme: str, host: str, port: int, addresses: list[str], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._scheme, self._addresses = scheme, addresses
+        self.pinned: socket.socket | None = None
 
     def connect(self) -> None:
         sock = self._first_to_answer()
         if self._scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
+        # http.client forgets ``sock`` once a response says the connection closes; the body is
+        # still read from it, and its timeout must keep following the deadline.
+        self.sock = self.pinned = sock
+
+    def wait_at_most(self, seconds: float) -> None:
+        """Bound the next socket operation to ``seconds``."""
+        if self.pinned is not None:
+            self.pinned.settimeout(seconds)
 
     def _first_to_answer(self) -> socket.socket:
         # Only the addresses already checked are tried, in the resolver's order.
@@ -205,7 +218,7 @@ class _PinnedConnection(http.client.HTTPConnection):
         raise error
 
 
-def _body(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, max_bytes: int, deadline: float,
+def _body(conn: _PinnedConnection, resp: http.client.HTTPResponse, max_bytes: int, deadline: float,
           deadline_s: float, url: str) -> bytes:
     length = resp.getheader("Content-Length")
     if length and length.isdigit() and int(length) > max_bytes:
@@ -214,7 +227,7 @@ def _body(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, max_
     try:
         while True:
             # Each read waits at most for what is left of the deadline, so a slow body cannot hold it.
-            conn.sock.settimeout(_remaining(deadline, deadline_s, url))
+            conn.wait_at_most(_remaining(deadline, deadline_s, url))
             piece = resp.read1(_PIECE)
             if not piece:
                 return bytes(body)
