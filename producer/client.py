@@ -150,6 +150,8 @@ class EchoqClient:
         entry = {"utterance_id": uid, "kind": "audio", "inference_id": inf, "sample_rate": rate,
                  "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate}
         record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_total": estimate}
+        if info.note:  # a truncated file plays what decodes; the record says where and why it stopped
+            record["decode_note"] = info.note
         return self._enqueue(conversation_id, entry, record, blob=data)
 
     def interrupt(self, conversation_id: str) -> int:
