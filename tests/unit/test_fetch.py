@@ -87,3 +87,16 @@ def test_a_one_byte_per_second_body_is_refused_at_the_total_deadline() -> None:
             fetch(srv.url("/slow"), max_bytes=1000, deadline_s=1.5, allow=TRUSTED)
         # The body takes 60 s; a generous bound shows the fetch did not wait for it.
         assert time.monotonic() - t0 < 30
+
+
+def test_a_redirect_inward_and_a_trickling_body_are_both_refused_within_the_deadline() -> None:
+    """The issue's two cases side by side, from one public-looking (allow-listed) server."""
+    with hostile_server("127.0.0.2") as srv, hostile_server("127.0.0.1") as internal:
+        internal.files["a"] = b"internal"
+        t0 = time.monotonic()
+        with pytest.raises(UnsafeURL, match="a loopback address"):
+            fetch(srv.url("/redirect?to=" + internal.url("/file/a")), max_bytes=1000, deadline_s=2, allow=TRUSTED)
+        with pytest.raises(AudioError, match="longer than the deadline of 2 s"):
+            fetch(srv.url("/slow"), max_bytes=1000, deadline_s=2, allow=TRUSTED)
+        assert internal.hits == [] and srv.hits == ["/redirect?to=" + internal.url("/file/a"), "/slow"]
+        assert time.monotonic() - t0 < 30  # the slow body alone takes 60 s
