@@ -7,7 +7,8 @@ Two surfaces:
   utterance, so the quickstart's curl can point at echoq instead of its Flask script.
 - ``/v1`` resources: conversations (open, show, close, interrupt, events as server-sent
   events), utterances (text, audio as base64, an http(s) URL or a multipart upload) and their
-  status. ``GET /healthz`` reports Redis and worker availability without a token.
+  status. ``GET /healthz`` says whether the service is healthy without a token, and which
+  workers report in only with one.
 
 Every request except health and the docs needs ``Authorization: Bearer <token>``; the check is an
 ASGI middleware, so a request without a valid token never reaches a handler or a body parser.
