@@ -27,7 +27,10 @@ def text_problem(text: str) -> str | None:
     match = _FORBIDDEN.search(text)
     if match is None:
         return None
-    return (f"contains the control character U+{ord(match.group()):04X} at index {match.start()}; "
+    point = ord(match.group())
+    if 0xD800 <= point <= 0xDFFF:  # how Python carries bytes that were not UTF-8 (argv, surrogateescape)
+        return f"contains a lone surrogate U+{point:04X} at index {match.start()}: it is not valid Unicode (was it UTF-8?)"
+    return (f"contains the control character U+{point:04X} at index {match.start()}; "
             "only tab, line feed and carriage return are allowed")
 
 

@@ -161,6 +161,8 @@ def load_script(path: str | Path, *, check_audio: bool = True) -> Script:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptError(str(p), [Problem(None, "file", f"cannot read it: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ScriptError(str(p), [Problem(None, "file", f"is not UTF-8 text (byte {exc.start})")]) from exc
     return parse_text(text, source=str(p), base_dir=p.resolve().parent,
                       fmt="json" if p.suffix.lower() == ".json" else "yaml", check_audio=check_audio)
 

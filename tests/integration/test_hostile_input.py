@@ -165,9 +165,9 @@ def test_control_characters_in_text(bench: Bench, kind: str, capsys: pytest.Capt
 
     text = CONTROL_TEXTS[kind]
     # pydantic itself refuses a lone surrogate in JSON as not a unicode string: a 422 on the field too
-    why = "control character|unicode string"
-    refused(bench, kind, raises(InvalidInput, r"control character U\+[0-9A-F]{4}", lambda: bench.client.say(CID, text)),
-            lambda _e: None)
+    why = "control character|lone surrogate|unicode string"
+    refused(bench, kind, raises(InvalidInput, r"(control character|lone surrogate) U\+[0-9A-F]{4}",
+                                lambda: bench.client.say(CID, text)), lambda _e: None)
     refused(bench, kind, lambda: post_json(bench, f"/v1/conversations/{CID}/utterances", {"text": text}),
             unprocessable(["body", "text"], why))
     refused(bench, kind, lambda: post_json(bench, "/send_text_message", {
@@ -188,6 +188,21 @@ def test_control_characters_in_a_script_and_a_schedule(bench: Bench) -> None:
         "script": {"conversation": CID, "lines": [{"text": "ok"}, {"text": "bad\u001b"}]}, "every": "1h"}),
         unprocessable(["body", "script", "lines", 1], "control character"))
     assert not bench.redis.keys("echoq:schedule*")
+
+
+def test_text_that_was_not_utf8_on_the_command_line_and_in_a_script_file(
+    bench: Bench, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli.main import main
+
+    # Python hands bytes of argv that are not UTF-8 over as lone surrogates (surrogateescape)
+    argv_text = b"caf\xe9".decode("utf-8", "surrogateescape")
+    refused(bench, "argv", lambda: main(["say", CID, argv_text]), lambda code: code == 2 or pytest.fail(str(code)))
+    assert "lone surrogate U+DCE9" in capsys.readouterr().err
+    script = bench.tmp / "latin-1.yaml"
+    script.write_bytes(f"conversation: {CID}\nlines:\n  - text: \"caf\xe9\"\n".encode("latin-1"))
+    refused(bench, "script", lambda: main(["script", "run", str(script)]), lambda code: code == 2 or pytest.fail(str(code)))
+    assert "is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_over_long_text(bench: Bench) -> None:
