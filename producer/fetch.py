@@ -78,7 +78,7 @@ def refusal(address: IPAddress) -> str | None:
         if bad:
             return kind
     if not address.is_global:  # shared (carrier NAT), documentation, 6to4 of private, ...
-        return "not a public address"
+        return "non-public"
     return None
 
 

@@ -18,7 +18,7 @@ TRUSTED = AllowList.parse("127.0.0.2")
 @pytest.mark.parametrize(("address", "why"), [
     ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.1", "private"), ("172.16.5.4", "private"),
     ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
-    ("240.0.0.1", "reserved"), ("100.64.0.1", "not a public address"), ("::1", "loopback"), ("::", "unspecified"),
+    ("240.0.0.1", "reserved"), ("100.64.0.1", "non-public"), ("::1", "loopback"), ("::", "unspecified"),
     ("fe80::1", "link-local"), ("fc00::1", "private"), ("ff02::1", "multicast"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
 ])
