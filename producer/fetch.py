@@ -143,12 +143,12 @@ def _request(url: str, allow: AllowList, deadline: float,
         conn.request("GET", path, headers={"User-Agent": "echoq", "Accept": "*/*"})
         conn.wait_at_most(_remaining(deadline, deadline_s, url))
         return conn, conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:  # first: a certificate error is a ValueError too
+        conn.close()
+        raise _failed(exc, url, deadline, deadline_s) from exc
     except ValueError as exc:  # http.client refuses a path with characters HTTP cannot carry
         conn.close()
         raise UnsafeURL(f"not a URL echoq can fetch: {redact(url)} ({type(exc).__name__})") from exc
-    except (OSError, http.client.HTTPException) as exc:
-        conn.close()
-        raise _failed(exc, url, deadline, deadline_s) from exc
 
 
 def _checked_addresses(url: str, host: str, port: int, allow: AllowList, deadline: float,

@@ -9,10 +9,13 @@ requested.
 from __future__ import annotations
 
 import http.server
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,8 +32,8 @@ class HostileServer:
 
 
 @contextmanager
-def hostile_server(host: str = "127.0.0.1") -> Iterator[HostileServer]:
-    """Serve on ``host`` at a free port until the block ends."""
+def hostile_server(host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None) -> Iterator[HostileServer]:
+    """Serve on ``host`` at a free port until the block ends; over https with ``tls`` (cert, key)."""
     state = HostileServer("")
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,7 +80,11 @@ def hostile_server(host: str = "127.0.0.1") -> Iterator[HostileServer]:
 
     server = http.server.ThreadingHTTPServer((host, 0), Handler)
     server.daemon_threads = True
-    state.base = f"http://{host}:{server.server_address[1]}"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    state.base = f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -86,3 +93,12 @@ def hostile_server(host: str = "127.0.0.1") -> Iterator[HostileServer]:
         state.stop.set()
         server.shutdown()
         server.server_close()
+
+
+def self_signed(tmp: Path, address: str) -> tuple[Path, Path]:
+    """A certificate and key for ``address`` (as an IP subjectAltName), made with openssl."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={address}",
+                    "-addext", f"subjectAltName=IP:{address}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from pathlib import Path
 
 import pytest
 
 from producer.fetch import AllowList, fetch, redact, refusal
-from tests.hostile_server import hostile_server
+from tests.hostile_server import hostile_server, self_signed
 from worker.errors import AudioError, UnsafeURL
 
 #: the test servers listen on 127.0.0.2, which only this allow-list entry lets through
@@ -100,3 +101,16 @@ def test_a_redirect_inward_and_a_trickling_body_are_both_refused_within_the_dead
             fetch(srv.url("/slow"), max_bytes=1000, deadline_s=2, allow=TRUSTED)
         assert internal.hits == [] and srv.hits == ["/redirect?to=" + internal.url("/file/a"), "/slow"]
         assert time.monotonic() - t0 < 30  # the slow body alone takes 60 s
+
+
+def test_https_checks_the_certificate_against_the_url_host_on_the_pinned_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = self_signed(tmp_path, "127.0.0.2")
+    with hostile_server("127.0.0.2", tls=tls) as srv:
+        srv.files["a"] = b"over tls"
+        with pytest.raises(AudioError, match="could not fetch .*SSLCertVerificationError"):
+            fetch(srv.url("/file/a"), max_bytes=1000, deadline_s=10, allow=TRUSTED)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls[0]))  # trust this certificate, and only it
+        assert srv.url("").startswith("https://")
+        assert fetch(srv.url("/file/a"), max_bytes=1000, deadline_s=10, allow=TRUSTED) == b"over tls"
