@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import requests
 from celery import Celery
 
 from worker import audio, echo, keys
@@ -34,7 +33,10 @@ from worker.errors import (
 from worker.logs import step
 from worker.settings import SAMPLE_RATES, Settings, get_settings
 from worker.store import DELIVERED_STATES, FINAL_STATES, Store, text
+from worker.text import check_text
 from worker.transports import check_url
+
+from . import fetch
 
 log = logging.getLogger("echoq.producer")
 
@@ -109,6 +111,7 @@ class EchoqClient:
         """Queue a text echo; returns the utterance id."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("text is empty")
+        check_text(text)
         uid = utterance_id or _utterance_id()
         inf = inference_id or uid
         _check_utterance_ids(uid, inf)
@@ -147,6 +150,8 @@ class EchoqClient:
         entry = {"utterance_id": uid, "kind": "audio", "inference_id": inf, "sample_rate": rate,
                  "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate}
         record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_total": estimate}
+        if info.note:  # a truncated file plays what decodes; the record says where and why it stopped
+            record["decode_note"] = info.note
         return self._enqueue(conversation_id, entry, record, blob=data)
 
     def interrupt(self, conversation_id: str) -> int:
@@ -253,18 +258,8 @@ class EchoqClient:
         return data
 
     def _fetch(self, url: str, limit: int) -> bytes:
-        try:
-            with requests.get(url, stream=True, timeout=self.settings.fetch_timeout_s) as resp:
-                if resp.status_code != 200:
-                    raise AudioError(f"fetching audio from {url} answered HTTP {resp.status_code}")
-                body = bytearray()
-                for piece in resp.iter_content(64 * 1024):
-                    body += piece
-                    if len(body) > limit:
-                        raise AudioError(f"audio at {url} is over the limit of {limit} bytes")
-                return bytes(body)
-        except requests.RequestException as exc:
-            raise AudioError(f"could not fetch audio from {url}: {type(exc).__name__}") from exc
+        return fetch.fetch(url, max_bytes=limit, deadline_s=self.settings.fetch_timeout_s,
+                           allow=fetch.AllowList.parse(self.settings.fetch_allow_hosts))
 
 
 def _check_id(conversation_id: str) -> None:

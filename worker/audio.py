@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Generator, Iterator
@@ -33,16 +34,26 @@ RAW_FORMATS = ("raw", "pcm", "s16le")
 QUALITY = "VHQ"
 _F32 = 4  # bytes per sample on the ffmpeg pipe
 _S16 = 2  # bytes per sample of raw input and of the output
+#: encoded audio this much over ``max_seconds`` is still accepted: encoders pad (an MP3 of
+#: exactly the limit decodes a few tens of milliseconds longer); raw PCM has no padding
+PADDING_S = 0.1
+#: a decode this much shorter than the container's duration counts as stopping early
+_SHORT_S = 0.25
 
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """What :func:`probe` found. ``format`` is ffprobe's container name, or ``s16le`` for raw."""
+    """What :func:`probe` found. ``format`` is ffprobe's container name, or ``s16le`` for raw.
+
+    ``duration_s`` is what decodes, never only what a header claims. ``note`` says why, when the
+    decoder stopped before the end the container announced (a truncated file), else it is None.
+    """
 
     duration_s: float
     sample_rate: int
     channels: int
     format: str
+    note: str | None = None
 
 
 def probe(
@@ -57,8 +68,8 @@ def probe(
     """Check audio before it is enqueued; :class:`AudioError` names what is wrong.
 
     Refuses input that is unreadable or not audio, over ``max_bytes``, longer than
-    ``max_seconds`` or empty. The duration comes from the container; when it has none (a WAV
-    written to a pipe, say) the audio is decoded to count its samples.
+    ``max_seconds`` (plus :data:`PADDING_S` unless raw) or empty. The audio is decoded to count its samples
+    (stopping once it is over the limit): a container's duration can lie either way.
     """
     if _is_raw(format):
         rate, ch = _raw_params(source_rate, channels)
@@ -66,11 +77,10 @@ def probe(
         info = AudioInfo(frames / rate, rate, ch, "s16le")
     else:
         with _as_path(source, format, max_bytes) as path:
-            rate, ch, name, duration = _probe_file(path)
-            if not duration:
-                duration = _count_frames(path, rate, ch, int(max_seconds * rate) + 1) / rate
-            info = AudioInfo(duration, rate, ch, name)
-    _check_seconds(info.duration_s, max_seconds)
+            rate, ch, name, claimed = _probe_file(path)
+            frames, reason = _count_frames(path, rate, ch, _max_frames(max_seconds, rate) + 1)
+            info = AudioInfo(frames / rate, rate, ch, name, _early_stop(frames / rate, claimed, reason))
+    _check_seconds(info.duration_s, max_seconds, 0.0 if info.format == "s16le" else PADDING_S)
     if info.duration_s <= 0:
         raise AudioError("audio is empty: no samples")
     return info
@@ -133,18 +143,16 @@ def _file_stream(
     source: Source, format: str | None, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int
 ) -> Generator[bytes, None, None]:
     with _as_path(source, format, max_bytes) as path:
-        rate, ch, _, duration = _probe_file(path)
-        if duration:
-            _check_seconds(duration, max_seconds)
+        rate, ch, _, _claimed = _probe_file(path)
         with _ffmpeg(path, rate, ch) as (proc, stderr):
-            # The limit is checked again on decoded samples: a container's duration can lie.
+            # The limit is checked on decoded samples, never on the container's duration, which can lie.
             frames = yield from _resample(
-                _read_frames(proc.stdout, ch, _F32, block_bytes), rate, target_rate, int(max_seconds * rate)
+                _read_frames(proc.stdout, ch, _F32, block_bytes), rate, target_rate, _max_frames(max_seconds, rate)
             )
-            if proc.wait() != 0:
-                stderr.seek(0)
-                detail = stderr.read().decode("utf-8", "replace").strip()[-300:]
-                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({detail})")
+            # A decoder that fails after giving samples stopped early: what it gave is the audio
+            # (probe saw the same and noted it on the record), so only a decode of nothing fails.
+            if proc.wait() != 0 and frames == 0:
+                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({_tail(stderr)})")
     if frames == 0:
         raise AudioError("audio is empty: no samples after decoding")
 
@@ -195,15 +203,40 @@ def _read_frames(stream: IO[bytes] | None, ch: int, width: int, block_bytes: int
             yield np.frombuffer(data, "<f4").reshape(-1, ch)
 
 
-def _count_frames(path: str, rate: int, ch: int, stop_at: int) -> int:
-    """Decode to count frames, stopping once there are ``stop_at`` (enough to refuse)."""
+def _count_frames(path: str, rate: int, ch: int, stop_at: int) -> tuple[int, str | None]:
+    """Decode to count frames, stopping once there are ``stop_at`` (enough to refuse); with the
+    decoder's complaint, when it had one."""
     frames = 0
-    with _ffmpeg(path, rate, ch) as (proc, _):
+    with _ffmpeg(path, rate, ch) as (proc, stderr):
         for block in _read_frames(proc.stdout, ch, _F32, 64 * 1024):
             frames += len(block)
             if frames >= stop_at:
-                break
-    return frames
+                return frames, None
+        code = proc.wait()
+        said = _tail(stderr)
+    if code != 0 or said:
+        return frames, said or f"ffmpeg exited with {code}"
+    return frames, None
+
+
+def _early_stop(decoded_s: float, claimed_s: float | None, reason: str | None) -> str | None:
+    """The note for a decode that stopped early: seconds decoded and why, or None."""
+    short = claimed_s is not None and decoded_s < claimed_s - _SHORT_S
+    if reason is None and not short:
+        return None
+    of = f" of the {claimed_s:.2f} s the container claims" if short else ""
+    return f"decoder stopped early: {decoded_s:.2f} s decoded{of} ({reason or 'the data ends before that'})"
+
+
+def _tail(stderr: IO[bytes]) -> str:
+    """The end of what ffmpeg wrote to ``stderr``, one line."""
+    stderr.seek(0)
+    said = re.sub(r"\[[^\]]* @ 0x[0-9a-f]+\] ", "", stderr.read().decode("utf-8", "replace"))  # drop pointers
+    return " ".join(said.split())[-300:]
+
+
+def _max_frames(max_seconds: float, rate: int) -> int:
+    return int((max_seconds + PADDING_S) * rate)
 
 
 def _spawn(args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -308,8 +341,8 @@ def _checked_size(source: Source, max_bytes: int) -> int:
     return size
 
 
-def _check_seconds(duration: float, max_seconds: float) -> None:
-    if duration > max_seconds:
+def _check_seconds(duration: float, max_seconds: float, slack: float = 0.0) -> None:
+    if duration > max_seconds + slack:
         raise AudioError(f"audio is longer than the limit: {duration:.2f} s, over {max_seconds:g} s")
 
 

@@ -4,7 +4,8 @@ retryable errors are retried inside the sender with backoff.
     EchoqError
     ├── PermanentError              never retried
     │   ├── InvalidInput            bad input from a producer (empty text, bad sample rate, ...)
-    │   │   └── TextTooLong         text echo that cannot fit one message
+    │   │   ├── TextTooLong         text echo that cannot fit one message
+    │   │   └── UnsafeURL           a URL echoq refuses to fetch (internal address, bad redirect)
     │   ├── UnknownConversation     no open conversation with that id
     │   ├── AudioError              unreadable, empty or oversized audio
     │   ├── MessageTooLarge         a wire message over the size limit (a settings mistake)
@@ -35,6 +36,10 @@ class InvalidInput(PermanentError):
 
 class TextTooLong(InvalidInput):
     """A text echo does not fit one app message."""
+
+
+class UnsafeURL(InvalidInput):
+    """A URL that resolves or redirects to an address echoq does not fetch from."""
 
 
 class UnknownConversation(PermanentError):

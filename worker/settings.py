@@ -61,7 +61,9 @@ class Settings(BaseSettings):
     blob_ttl_s: int = Field(default=24 * 3600, ge=60)
     max_audio_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(default=600.0, gt=0)
-    fetch_timeout_s: float = Field(default=20.0, gt=0)
+    fetch_timeout_s: float = Field(default=20.0, gt=0, description="Total deadline of one audio URL fetch, redirects included")
+    fetch_allow_hosts: str = Field(default="", description="Comma-separated hosts, addresses or CIDR networks "
+                                   "that audio URLs may reach although they are internal")
 
     # Operations
     log_json: bool = False

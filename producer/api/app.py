@@ -7,7 +7,8 @@ Two surfaces:
   utterance, so the quickstart's curl can point at echoq instead of its Flask script.
 - ``/v1`` resources: conversations (open, show, close, interrupt, events as server-sent
   events), utterances (text, audio as base64, an http(s) URL or a multipart upload) and their
-  status. ``GET /healthz`` reports Redis and worker availability without a token.
+  status. ``GET /healthz`` says whether the service is healthy without a token, and which
+  workers report in only with one.
 
 Every request except health and the docs needs ``Authorization: Bearer <token>``; the check is an
 ASGI middleware, so a request without a valid token never reaches a handler or a body parser.
@@ -37,9 +38,11 @@ from typing import Annotated, Any, Literal
 import anyio
 import redis
 from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.errors import (
@@ -116,6 +119,20 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: Seq
     await send({"type": "http.response.body", "body": payload})
 
 
+def _bearer_matches(tokens: Sequence[bytes], header: bytes | None) -> bool:
+    """Whether an Authorization header carries one of ``tokens``, compared in constant time."""
+    if not header:
+        return False
+    scheme, _, given = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        return False
+    given = given.strip()
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given, token)
+    return ok
+
+
 class _BearerGate:
     """Answers 401 before the app sees a request without a valid bearer token.
 
@@ -128,18 +145,7 @@ class _BearerGate:
         self.tokens = [t.encode() for t in tokens] if tokens is not None else None
 
     def allowed(self, header: bytes | None) -> bool:
-        if self.tokens is None:
-            return True
-        if not header:
-            return False
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not given.strip():
-            return False
-        given = given.strip()
-        ok = False
-        for token in self.tokens:
-            ok |= hmac.compare_digest(given, token)
-        return ok
+        return self.tokens is None or _bearer_matches(self.tokens, header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -258,6 +264,14 @@ def create_app(
         # Only where and why: never echo the input back (it may be megabytes of audio).
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers 400 "error parsing the body" when a body is not UTF-8 (or a form cannot
+        # be parsed); that is bad input like any other, so it is a 422 naming the body.
+        if exc.status_code == 400 and exc.__cause__ is not None and not isinstance(exc, ApiError):
+            return JSONResponse({"detail": [_unparseable(exc.__cause__)]}, status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -448,17 +462,26 @@ def create_app(
 
     # -- health --------------------------------------------------------------------------------
 
-    @app.get("/healthz", response_model=HealthOut, tags=["health"],
+    @app.get("/healthz", response_model=HealthOut, response_model_exclude_none=True, tags=["health"],
              responses={503: {"model": HealthOut, "description": "Redis is unreachable"}})
-    def health() -> Any:
-        """Whether Redis answers and which workers reported in the last 30 seconds (no token needed)."""
+    def health(request: Request) -> Any:
+        """Whether the service is healthy (no token needed). With a valid token, also whether Redis
+        answers and which workers reported in the last 30 seconds."""
+        # Worker names are host names and Redis errors name addresses: only a token holder sees them.
+        detailed = accepted is not None and _bearer_matches(
+            [t.encode() for t in accepted], request.headers.get("authorization", "").encode())
         report = echoq.health()
         if not report.get("redis"):
-            body = HealthOut(status="unavailable", redis=False, workers=[],
-                             detail=f"Redis is unreachable: {report.get('error', '')}".rstrip(": "))
-            return JSONResponse(body.model_dump(), status_code=503)
+            body = HealthOut(status="unavailable")
+            if detailed:
+                body = HealthOut(status="unavailable", redis=False, workers=[],
+                                 detail=f"Redis is unreachable: {report.get('error', '')}".rstrip(": "))
+            return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
         workers = list(report.get("workers", []))
-        return HealthOut(status="ok" if workers else "degraded", redis=True, workers=workers,
+        status: Literal["ok", "degraded"] = "ok" if workers else "degraded"
+        if not detailed:
+            return HealthOut(status=status)
+        return HealthOut(status=status, redis=True, workers=workers,
                          detail=None if workers else "no worker reported in the last 30 seconds")
 
     # Middleware wraps outside in: the token gate first, then the body limit.
@@ -491,6 +514,13 @@ class _RequestLog:
         finally:
             step(logger, "api.request", method=scope.get("method"), path=scope["path"], status=status[0],
                  duration_ms=ms_since(t0))
+
+
+def _unparseable(cause: BaseException) -> dict[str, Any]:
+    """The 422 entry for a body FastAPI could not parse: where and why, never the bytes."""
+    if isinstance(cause, UnicodeDecodeError):
+        return {"loc": ["body"], "msg": f"the body is not valid UTF-8 (byte {cause.start})", "type": "utf8_invalid"}
+    return {"loc": ["body"], "msg": f"the body could not be parsed ({type(cause).__name__})", "type": "body_invalid"}
 
 
 def _b64(loc: Loc, text: str) -> bytes:

@@ -189,7 +189,9 @@ class UtteranceOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """``status`` for anyone; ``redis``, ``workers`` and ``detail`` only for a token holder."""
+
     status: Literal["ok", "degraded", "unavailable"]
-    redis: bool
-    workers: list[dict[str, Any]]
+    redis: bool | None = None
+    workers: list[dict[str, Any]] | None = None
     detail: str | None = None

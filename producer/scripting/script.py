@@ -41,6 +41,7 @@ import yaml
 from worker import echo, keys
 from worker.errors import InvalidInput, TextTooLong
 from worker.settings import SAMPLE_RATES
+from worker.text import text_problem
 
 #: the longest pause or offset a script may ask for
 MAX_DELAY_S = 24 * 3600.0
@@ -160,6 +161,8 @@ def load_script(path: str | Path, *, check_audio: bool = True) -> Script:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScriptError(str(p), [Problem(None, "file", f"cannot read it: {exc.strerror or exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ScriptError(str(p), [Problem(None, "file", f"is not UTF-8 text (byte {exc.start})")]) from exc
     return parse_text(text, source=str(p), base_dir=p.resolve().parent,
                       fmt="json" if p.suffix.lower() == ".json" else "yaml", check_audio=check_audio)
 
@@ -299,6 +302,8 @@ def _line(n: int, raw: Any, base_dir: Path | None, check_audio: bool, target: Ta
     elif text is not None:
         if not isinstance(text, str) or not text.strip():
             bad(n, "text", "must be non-empty text")
+        elif (problem := text_problem(text)) is not None:
+            bad(n, "text", problem)
         else:
             conv = target.conversation_id if target and target.conversation_id else _ID_ROOM
             try:

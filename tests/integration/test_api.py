@@ -251,8 +251,10 @@ def test_quickstart_curl_body_makes_the_simulator_hear_hello_there(
 
 
 def test_v1_conversation_and_utterance_resources_end_to_end(
-    workers: Workers, simulator: Any, api: Api, redis_client: redis.Redis, tmp_path: Path
+    workers: Workers, simulator: Any, serve: Callable[..., Api], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
+    # the audio URL below is on this machine, which only the allow-list lets the API fetch
+    api = serve(client=EchoqClient(TEST_REDIS_URL, settings=Settings(fetch_allow_hosts="127.0.0.1")))
     workers.start(1)
     conv = open_loopback(api, "v1", "v1-room")
     assert conv["id"] == "v1" and conv["state"] == "open" and conv["url"] == "loopback://v1-room"
@@ -387,6 +389,9 @@ def test_a_missing_or_wrong_token_never_reaches_a_handler(
     # health and the docs are open; the second configured token works too; the scheme is case-free
     with httpx.Client(base_url=api.url, timeout=10) as bare:
         health = bare.get("/healthz")
+        # without a token: only whether it is healthy, no worker (host) names
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        health = bare.get("/healthz", headers=AUTH)
         assert health.status_code == 200 and health.json()["redis"] is True
         assert any(w["name"] == workers.started[0].name for w in health.json()["workers"])
         assert bare.get("/openapi.json").status_code == 200 and bare.get("/docs").status_code == 200
@@ -483,9 +488,12 @@ def test_redis_unreachable_is_503_with_a_clear_message(serve: Callable[..., Api]
         assert r.status_code == 503, (path, r.text)
         assert r.json()["detail"].startswith("Redis is unreachable"), r.text
         assert "Traceback" not in r.text
-    health = api.http.get("/healthz", headers={})
+    health = api.http.get("/healthz")
     assert health.status_code == 503 and health.json()["redis"] is False
     assert health.json()["detail"].startswith("Redis is unreachable")
+    with httpx.Client(base_url=api.url, timeout=10) as bare:
+        health = bare.get("/healthz")
+    assert health.status_code == 503 and health.json() == {"status": "unavailable"}
     r = api.http.post("/v1/conversations/gate/utterances/audio", files={"audio": ("a.wav", tone_wav(0.1), "audio/wav")})
     assert r.status_code == 503 and r.json()["detail"].startswith("Redis is unreachable")
 

@@ -61,10 +61,18 @@ def audio_of(redis_client: redis.Redis, room: str, inference_id: str) -> bytes:
                     if m["properties"].get("inference_id") == inference_id)
 
 
+def trusting(redis_client: redis.Redis, **settings: Any) -> Any:
+    """A client allowed to fetch from this machine, where the tests' HTTP servers run."""
+    from producer.client import EchoqClient
+
+    return EchoqClient(settings=Settings(fetch_allow_hosts="127.0.0.1", **settings), redis_client=redis_client)
+
+
 def test_audio_from_a_url_bytes_and_raw_pcm_arrives_unchanged(
-    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, http_dir: tuple[str, Path]
+    workers: Workers, simulator: Any, redis_client: redis.Redis, http_dir: tuple[str, Path]
 ) -> None:
     base, root = http_dir
+    client = trusting(redis_client)
     pcm = pcm_24k(0.5)  # already 24 kHz mono: passes through sample for sample
     write_wav(root / "clip.wav", pcm)
     workers.start(1)
@@ -78,9 +86,10 @@ def test_audio_from_a_url_bytes_and_raw_pcm_arrives_unchanged(
 
 
 def test_bad_audio_sources_are_refused_before_anything_is_enqueued(
-    client: Any, redis_client: redis.Redis, http_dir: tuple[str, Path], tmp_path: Path
+    redis_client: redis.Redis, http_dir: tuple[str, Path], tmp_path: Path
 ) -> None:
     base, root = http_dir
+    client = trusting(redis_client)
     client.open("conv-x", "loopback://room-x")
     with pytest.raises(AudioError, match="HTTP 404"):
         client.play("conv-x", f"{base}/missing.wav")
@@ -93,7 +102,7 @@ def test_bad_audio_sources_are_refused_before_anything_is_enqueued(
 
     from producer.client import EchoqClient
 
-    small = EchoqClient(settings=Settings(max_audio_bytes=2048, max_audio_seconds=0.2), redis_client=redis_client)
+    small = trusting(redis_client, max_audio_bytes=2048, max_audio_seconds=0.2)
     write_wav(root / "big.wav", pcm_24k(0.5))
     with pytest.raises(AudioError, match="over the limit of 2048"):
         small.play("conv-x", root / "big.wav")

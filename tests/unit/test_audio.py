@@ -342,3 +342,43 @@ def test_pieces_are_whole_samples_and_never_empty(stereo_440: Path) -> None:
     pieces = _pieces(audio.pcm_stream(stereo_440, target_rate=24000, block_bytes=1000, **LIMITS))
     assert len(pieces) > 10
     assert all(p and len(p) % 2 == 0 for p in pieces)
+
+
+def test_encoded_audio_of_exactly_the_limit_passes_with_its_padding(tmp_path: Path) -> None:
+    from tests.badinput import encode
+
+    exact = encode(tmp_path, "mp3", 1.0, 44100)
+    info = audio.probe(exact, format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+    assert 1.0 <= info.duration_s <= 1.0 + audio.PADDING_S  # the encoder's padding decodes too
+    assert len(audio.convert(exact, format="mp3", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0))
+    with pytest.raises(AudioError, match="longer than the limit"):
+        audio.probe(encode(tmp_path, "mp3", 1.3, 44100), format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+
+
+def test_a_header_that_understates_the_length_is_refused_on_what_decodes(tmp_path: Path) -> None:
+    from tests.badinput import lying_webm
+
+    data = lying_webm(tmp_path, holds_s=3.0, claims_s=0.5)
+    assert audio._probe_file(_as_file(tmp_path, data, "webm"))[3] == pytest.approx(0.5)  # the lie is read
+    with pytest.raises(AudioError, match="longer than the limit"):
+        audio.probe(data, format="webm", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+    with pytest.raises(AudioError, match="longer than the limit"):
+        audio.convert(data, format="webm", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+
+
+def test_a_truncated_file_is_noted_and_converts_as_far_as_it_decodes(tmp_path: Path) -> None:
+    from tests.badinput import encode
+
+    whole = encode(tmp_path, "mp3", 1.0, 24000)
+    cut = whole[: len(whole) // 2]
+    info = audio.probe(cut, format="mp3", **LIMITS)
+    assert info.note is not None and info.note.startswith(f"decoder stopped early: {info.duration_s:.2f} s decoded of the")
+    assert audio.probe(whole, format="mp3", **LIMITS).note is None
+    pcm = audio.convert(cut, format="mp3", target_rate=24000, **LIMITS)
+    assert len(pcm) // 2 == pytest.approx(info.duration_s * 24000, abs=2)
+
+
+def _as_file(tmp_path: Path, data: bytes, ext: str) -> str:
+    path = tmp_path / f"probe.{ext}"
+    path.write_bytes(data)
+    return str(path)

@@ -21,11 +21,13 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "loopback":
         if not parts.netloc:
-            raise InvalidInput(f"loopback URL needs a room name: loopback://NAME, not {url!r}")
+            raise InvalidInput("loopback URL needs a room name: loopback://NAME")
         return url
     if parts.scheme in ("https", "http") and parts.netloc:
         return url
-    raise InvalidInput(f"conversation url must be https://… (a Daily room) or loopback://NAME, not {url!r}")
+    # Not echoed back: a room URL may carry a meeting token in its query.
+    raise InvalidInput(f"conversation url must be https://… (a Daily room) or loopback://NAME, "
+                       f"not a {parts.scheme or 'schemeless'}: URL")
 
 
 def open_transport(url: str, *, redis_client: redis.Redis, settings: Settings, on_event: EventHandler | None = None) -> Transport:
