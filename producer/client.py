@@ -22,7 +22,7 @@ import redis
 import requests
 from celery import Celery
 
-from worker import audio, echo, keys
+from worker import audio, echo, keys, retention
 from worker.errors import (
     AudioError,
     BackendUnavailable,
@@ -74,6 +74,7 @@ class EchoqClient:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         with _backend():
             record = self.store.open_conversation(conversation_id, url, mode)
+            retention.keep_conversation(self.redis, conversation_id)  # a reopened one must not expire
             self.store.add_event(conversation_id, {"type": "conversation.opened", "mode": mode})
             self.app.send_task(keys.TASK_OPEN, args=[conversation_id], queue=keys.CONTROL_QUEUE)
         return record
@@ -85,6 +86,7 @@ class EchoqClient:
             self.store.close_conversation(conversation_id)
             if self.store.lease_owner(conversation_id) is None and self.store.backlog(conversation_id) == 0:
                 self.store.mark_closed(conversation_id)
+                retention.expire_conversation(self.redis, conversation_id, self.settings.retention_s)
             else:
                 self.app.send_task(keys.TASK_CLOSE, args=[conversation_id], queue=keys.conv_queue(conversation_id))
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from . import echo, keys, metrics
+from . import echo, keys, metrics, retention
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
@@ -259,6 +259,9 @@ class SessionManager:
         # must find this one closed, not free
         self.store.mark_closed(cid)
         self.drop(cid, "closed")
+        # after drop: the queue is no longer consumed, so its leftover doorbells can go
+        expiring = retention.expire_conversation(self.redis, cid, self.settings.retention_s)
+        step(log, "conversation.expiring", conversation=cid, keys=expiring, ttl_s=self.settings.retention_s)
 
     # the supervisor ------------------------------------------------------------------------
 
