@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from . import echo, keys, metrics, retention
+from . import capacity, echo, keys, metrics, retention
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
@@ -101,9 +101,14 @@ class Session:
 class SessionManager:
     """The sessions of this worker process, their leases and their room events."""
 
-    def __init__(self, app: Celery, settings: Settings, client: redis.Redis, hostname: str | None = None) -> None:
+    def __init__(self, app: Celery, settings: Settings, client: redis.Redis, hostname: str | None = None,
+                 threads: int | None = None) -> None:
         self.app = app
         self.settings = settings
+        #: the worker's pool size, and the most conversations it serves at the configured pacing
+        self.threads = threads or settings.worker_concurrency
+        self.limit = capacity.session_limit(settings, self.threads)
+        self.waiting = capacity.Waiting(client)
         self.redis = client
         self.store = Store(client)
         self.hostname = hostname or f"echoq-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
@@ -125,7 +130,8 @@ class SessionManager:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        step(log, "worker.started", worker=self.hostname, max_sessions=self.settings.max_sessions)
+        step(log, "worker.started", worker=self.hostname, max_sessions=self.limit, threads=self.threads,
+             pacing=self.settings.pacing)
 
     def begin_shutdown(self) -> None:
         """Warm shutdown has begun: every sender finishes its current utterance, then stops."""
@@ -155,7 +161,7 @@ class SessionManager:
             if conversation_id in self.sessions:
                 return self.sessions[conversation_id]
             if (self.shutting_down or conversation_id in self._adopting
-                    or len(self.sessions) + len(self._adopting) >= self.settings.max_sessions):
+                    or len(self.sessions) + len(self._adopting) >= self.limit):
                 return None
             self._adopting.add(conversation_id)
         try:
@@ -167,6 +173,8 @@ class SessionManager:
     def _adopt(self, cid: str) -> Session | None:
         conv = self.store.conversation(cid)
         if not conv or conv.get("state") == "closed":
+            return None
+        if not self._room_for(conv.get("mode", "echo")):
             return None
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
         if not self.store.take_lease(cid, token, self.settings.lease_ttl_s):
@@ -193,13 +201,21 @@ class SessionManager:
         with self._lock:
             self.sessions[cid] = session
         self._failures.pop(cid, None)
-        self.store.set_conversation_fields(cid, owner=self.hostname, joined_at=f"{time.time():.6f}", last_error="")
+        self.store.set_conversation_fields(cid, owner=self.hostname, joined_at=f"{time.time():.6f}", last_error="",
+                                           waiting="", waiting_since="")
         self.store.add_event(cid, {"type": "conversation.joined", "worker": self.hostname})
         step(log, "room.joined", conversation=cid, worker=self.hostname, ms=ms_since(t0))
         self.app.control.add_consumer(keys.conv_queue(cid), destination=[self.hostname])
         metrics.sessions_held(len(self.sessions))
         self.ring(cid, here=True)
         return session
+
+    def _room_for(self, mode: str) -> bool:
+        """Whether one more conversation in ``mode`` keeps every real-time sender served."""
+        if not capacity.paces_in_real_time(self.settings, mode):
+            return True
+        paced = sum(1 for s in list(self.sessions.values()) if capacity.paces_in_real_time(self.settings, s.mode))
+        return paced < capacity.realtime_slots(self.threads)
 
     def _note_failure(self, cid: str, exc: Exception) -> None:
         n = self._failures.get(cid, 0) + 1
@@ -292,14 +308,30 @@ class SessionManager:
             elif backlog and not session.draining and not self.shutting_down:
                 self.ring(cid)
         self.redis.hset(keys.WORKERS, self.hostname, json.dumps(
-            {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": s.max_sessions}))
-        if self.shutting_down or len(self.sessions) >= s.max_sessions:
+            {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": self.limit,
+             "threads": self.threads, "shutting_down": self.shutting_down}))
+        if self.shutting_down or len(self.sessions) >= self.limit:
+            self._note_waiting()
             return
+        metrics.conversations_waiting(0)  # this worker has room: it takes any free one below
         for cid in self.store.open_conversations():
             if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
                 continue
             if self.store.lease_owner(cid) is None:
                 self._pool.submit(self.adopt, cid)
+
+    def _note_waiting(self) -> None:
+        """This worker is full: when no live worker has room, mark the unowned conversations
+        waiting (each once, with the reason) so that nobody wonders why they are silent."""
+        reason = capacity.fleet(self.redis, self.settings).waiting_reason
+        if reason is None:  # another worker has room and takes them on its next scan
+            metrics.conversations_waiting(0)
+            return
+        unowned = self.waiting.unowned(self.store.open_conversations())
+        metrics.conversations_waiting(len(unowned))
+        for cid in unowned:
+            if self.waiting.mark(cid, reason):
+                step(log, "conversation.waiting", logging.WARNING, conversation=cid, reason=reason)
 
     # room events ---------------------------------------------------------------------------
 
