@@ -7,6 +7,11 @@ and ``echoq status`` keep answering for a while and then the memory is given bac
 still waiting in the conversation's Celery queue are deleted at once: nobody consumes that
 queue any more, and every one of them would only find nothing to do.
 
+A doorbell published just as the conversation closed (a producer's close racing the owner's
+own) and a room event written after it (a replica that stops speaking later) create their keys
+anew, without a TTL; so the owner runs this a second time a little later
+(:data:`SECOND_PASS_LEASES` lease TTLs after the close).
+
 ``EXPIRE … LT`` never lengthens a TTL already shorter (an audio blob's own), and a key that is
 written after this (a late replica event) keeps the TTL, since only overwrites clear one.
 Reopening the conversation makes its record, log, cursor and events permanent again
@@ -24,6 +29,8 @@ import redis
 from . import keys
 from .store import text
 
+#: the second pass over a closed conversation's keys comes this many lease TTLs after the close
+SECOND_PASS_LEASES = 2
 #: log entries read per round trip while collecting a closed conversation's utterance keys
 _BATCH = 1000
 
@@ -66,22 +73,27 @@ def _utterance_keys(client: redis.Redis, conversation_id: str) -> list[str]:
         start += _BATCH
 
 
-def _room_keys(client: redis.Redis, conversation_id: str) -> list[str]:
-    """A loopback room's streams (what was sent, room events, microphone frames). A room name
-    shared by two conversations expires with the first one closed: use one room per conversation."""
+def room_keys(url: str | None) -> list[str]:
+    """A loopback room's streams (what was sent, room events, microphone frames); none for a
+    Daily room. A room name shared by two conversations expires with the first one closed: use
+    one room per conversation."""
     from .transports.loopback import parse_loopback_url
 
-    url: Any = client.hget(keys.conversation(conversation_id), "url")
-    if not url or not text(url).startswith("loopback://"):
+    if not url or not url.startswith("loopback://"):
         return []
-    room, _options = parse_loopback_url(text(url))
+    room, _options = parse_loopback_url(url)
     return [keys.loopback_room(room), keys.loopback_events(room), keys.loopback_mic(room)]
 
 
-def expire_conversation(client: redis.Redis, conversation_id: str, retention_s: int) -> int:
+def expire_conversation(client: redis.Redis, conversation_id: str, retention_s: int, url: str | None = None) -> int:
     """Give every key of a closed conversation a TTL of at most ``retention_s`` and delete its
-    leftover doorbells; returns how many keys now expire."""
-    names = conversation_keys(conversation_id) + binding_keys(conversation_id) + _room_keys(client, conversation_id)
+    leftover doorbells; returns how many keys now expire (0 when it was reopened). ``url`` is the
+    room's, for a pass that may come after the record itself has expired."""
+    reply: Any = client.hmget(keys.conversation(conversation_id), ["state", "url"])
+    state, stored_url = (text(v) if v is not None else None for v in reply)
+    if state is not None and state != "closed":
+        return 0
+    names = conversation_keys(conversation_id) + binding_keys(conversation_id) + room_keys(stored_url or url)
     names += _utterance_keys(client, conversation_id)
     pipe = client.pipeline(transaction=False)
     for name in names:

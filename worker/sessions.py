@@ -117,6 +117,8 @@ class SessionManager:
         self._adopting: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        #: conversations closed here -> (when, room url): their keys get a second retention pass
+        self._closed_at: dict[str, tuple[float, str]] = {}
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
@@ -271,12 +273,14 @@ class SessionManager:
             self._close_now(cid)
 
     def _close_now(self, cid: str) -> None:
+        session = self.sessions.get(cid)
         # closed first, then the lease goes: a worker scanning for free conversations in between
         # must find this one closed, not free
         self.store.mark_closed(cid)
         self.drop(cid, "closed")
         # after drop: the queue is no longer consumed, so its leftover doorbells can go
         expiring = retention.expire_conversation(self.redis, cid, self.settings.retention_s)
+        self._closed_at[cid] = (time.monotonic(), session.url if session else "")
         step(log, "conversation.expiring", conversation=cid, keys=expiring, ttl_s=self.settings.retention_s)
 
     # the supervisor ------------------------------------------------------------------------
@@ -293,6 +297,10 @@ class SessionManager:
     def _tick(self) -> None:
         s = self.settings
         now = time.monotonic()
+        for cid, (closed_at, url) in list(self._closed_at.items()):
+            if now - closed_at >= retention.SECOND_PASS_LEASES * s.lease_ttl_s:
+                retention.expire_conversation(self.redis, cid, s.retention_s, url)
+                del self._closed_at[cid]
         for cid, session in list(self.sessions.items()):
             if now - session.renewed_at >= s.lease_ttl_s / 3:
                 if not self.store.renew_lease(cid, session.token, s.lease_ttl_s):

@@ -74,3 +74,22 @@ def test_closing_a_conversation_nobody_owns_deletes_its_leftover_doorbells(redis
     assert client.conversation("conv-l")["state"] == "closed"
     assert redis_client.llen(queue) == 0
     assert_all_expire(redis_client, keys_of(redis_client, ["conv-l", "room-l"]), RETENTION_S)
+
+
+def test_a_doorbell_and_a_room_event_that_come_after_the_close_are_cleaned_up_too(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(1, ECHOQ_RETENTION_S=str(RETENTION_S))  # lease TTL 2 s: the second pass 4 s after the close
+    client.open("conv-z", "loopback://room-z")
+    client.wait(client.say("conv-z", "last words"), timeout=30, states=("sent", "spoken"))
+    client.close("conv-z")
+    wait_for(lambda: "conversation.expiring" in workers.started[0].log(), 30, what="the first pass")
+    # a producer's doorbell racing the close, and a replica event written after it: both create
+    # their keys anew, without a TTL
+    redis_client.delete(keys.loopback_events("room-z"))
+    client.app.send_task(keys.TASK_DRAIN, args=["conv-z"], queue=keys.conv_queue("conv-z"))
+    redis_client.xadd(keys.loopback_events("room-z"), {"data": "{}"})
+    wait_for(lambda: redis_client.llen(keys.conv_queue("conv-z")) == 0, 20, what="the late doorbell to go")
+    ttl = wait_for(lambda: (t := redis_client.ttl(keys.loopback_events("room-z"))) > 0 and t, 20,
+                   what="the late room event to expire")
+    assert ttl <= RETENTION_S
