@@ -5,8 +5,9 @@ worker process with a short ``ECHOQ_RETENTION_S`` and the replica simulator, the
 --conversations conversations, --parallel at a time: open a loopback room, say --lines lines
 (every tenth conversation also plays a short clip), wait until each is sent, close, wait until
 closed. It prints Redis ``used_memory`` and the key count at the start (worker and simulator
-idle), right after the last close, and once the retention has passed, plus what kinds of key
-are left at the end.
+idle), right after the last close, once the retention has passed, and then without Celery's
+stored task results (``celery-task-meta-*``, which expire after an hour on their own), plus what
+kinds of key were left.
 
     .venv/bin/python scripts/soak_memory.py [--conversations 1000] [--retention 20]
 """
@@ -73,10 +74,11 @@ def private_redis() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def memory(r: redis.Redis) -> tuple[int, int]:
-    """``(used_memory bytes, keys)`` of the private server."""
+def memory(r: redis.Redis) -> tuple[int, int, int]:
+    """``(used_memory, used_memory_dataset, keys)`` of the private server (bytes; the dataset is
+    used_memory less the server's own overhead: clients, scripts, buffers)."""
     info: Any = r.info("memory")
-    return int(info["used_memory"]), int(r.dbsize())
+    return int(info["used_memory"]), int(info["used_memory_dataset"]), int(r.dbsize())
 
 
 def key_kinds(r: redis.Redis) -> Counter[str]:
@@ -165,10 +167,16 @@ def soak(args: argparse.Namespace, url: str, tmp: Path) -> int:
         # past the retention and the owner's second pass (two lease TTLs after each close)
         time.sleep(max(args.retention, 2 * LEASE_TTL_S) + 2)
         expired = memory(r)
-        while (now := memory(r))[1] < expired[1]:  # Redis expires keys a sample at a time
+        while (now := memory(r))[2] < expired[2]:  # Redis expires keys a sample at a time
             expired = now
             time.sleep(2)
         left = key_kinds(r)
+        # Celery's stored task results are not echoq's keys: they expire after result_expires
+        results = list(r.scan_iter(match="celery-task-meta-*", count=1000))
+        for i in range(0, len(results), 1000):
+            r.delete(*results[i:i + 1000])
+        without_results = memory(r)
+        left_bytes = sum(int(r.memory_usage(k) or 0) for k in r.scan_iter(count=1000))
 
         mib = 1024 * 1024
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
@@ -176,9 +184,11 @@ def soak(args: argparse.Namespace, url: str, tmp: Path) -> int:
         print(f"conversations: {args.conversations} ({args.parallel} at a time, {args.lines} lines each, "
               f"every tenth with a 0.2 s clip) in {elapsed:.0f} s; failed: {len(failed)}")
         print(f"retention: {args.retention} s")
-        for label, (used, count) in (("before", before), ("after closing", after), ("after expiry", expired)):
-            print(f"  {label:<14} used_memory {used / mib:7.2f} MiB  keys {count}")
-        print("keys left at the end: " + ", ".join(f"{k} x{v}" for k, v in left.most_common()))
+        for label, (used, dataset, count) in (("before", before), ("after closing", after), ("after expiry", expired),
+                                     ("less results", without_results)):
+            print(f"  {label:<14} used_memory {used / mib:7.2f} MiB  dataset {dataset / mib:6.2f} MiB  keys {count}")
+        print(f"the {without_results[2]} keys left then hold {left_bytes / 1024:.1f} KiB (MEMORY USAGE)")
+        print("keys left after expiry: " + ", ".join(f"{k} x{v}" for k, v in left.most_common()))
         return 1 if failed else 0
     finally:
         for proc in reversed(procs):
