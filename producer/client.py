@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker import audio, echo, keys
+from worker import audio, capacity, echo, keys, retention
 from worker.errors import (
     AudioError,
     BackendUnavailable,
@@ -69,15 +69,25 @@ class EchoqClient:
     # conversations -------------------------------------------------------------------------
 
     def open(self, conversation_id: str, url: str, *, mode: str = "echo") -> dict[str, str]:
-        """Open (or reopen) a conversation; a worker with room takes it and joins ``url``."""
+        """Open (or reopen) a conversation; a worker with room takes it and joins ``url``.
+
+        When no live worker has room, the conversation is marked waiting and the returned
+        record's ``waiting`` says why (a warning is logged too); it is taken as soon as a worker
+        has room."""
         _check_id(conversation_id)
         check_url(url)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         with _backend():
             record = self.store.open_conversation(conversation_id, url, mode)
+            retention.keep_conversation(self.redis, conversation_id)  # a reopened one must not expire
             self.store.add_event(conversation_id, {"type": "conversation.opened", "mode": mode})
             self.app.send_task(keys.TASK_OPEN, args=[conversation_id], queue=keys.CONTROL_QUEUE)
+            reason = capacity.fleet(self.redis, self.settings).waiting_reason
+            if reason is not None and self.store.lease_owner(conversation_id) is None:
+                capacity.Waiting(self.redis).mark(conversation_id, reason)
+                record = {**record, "waiting": reason}
+                step(log, "conversation.waiting", logging.WARNING, conversation=conversation_id, reason=reason)
         return record
 
     def close(self, conversation_id: str) -> None:
@@ -87,6 +97,7 @@ class EchoqClient:
             self.store.close_conversation(conversation_id)
             if self.store.lease_owner(conversation_id) is None and self.store.backlog(conversation_id) == 0:
                 self.store.mark_closed(conversation_id)
+                retention.expire_conversation(self.redis, conversation_id, self.settings.retention_s)
             else:
                 self.app.send_task(keys.TASK_CLOSE, args=[conversation_id], queue=keys.conv_queue(conversation_id))
 
@@ -102,7 +113,15 @@ class EchoqClient:
             nxt = self.store.entries_after(conversation_id, cur.seq, count=1)
             current = self.store.utterance(nxt[0]["utterance_id"]) if nxt else None
             conv["current_utterance"] = current["id"] if current and current.get("state") == "sending" else None
+            conv["waiting"] = self._waiting(conv)
         return conv
+
+    def _waiting(self, conv: dict[str, Any]) -> str | None:
+        """Why nobody sends for this conversation: no worker, or every worker full; else None."""
+        if conv.get("owner") or conv.get("state") == "closed":
+            return None
+        # the heartbeats are the live truth; the recorded field only says since when it waits
+        return capacity.fleet(self.redis, self.settings).waiting_reason
 
     # utterances ----------------------------------------------------------------------------
 
@@ -206,7 +225,8 @@ class EchoqClient:
         for name, beat in raw.items():
             info = json.loads(beat)
             if now - info.get("ts", 0) < 30:
-                workers.append({"name": text(name), "sessions": len(info.get("sessions", []))})
+                workers.append({"name": text(name), "sessions": len(info.get("sessions", [])),
+                                "max_sessions": info.get("max_sessions")})
         return {"redis": True, "workers": workers}
 
     # internals -----------------------------------------------------------------------------

@@ -269,6 +269,16 @@ class Simulator:
                 self._write_utterance(room.name, utt)
             for event in events:
                 self.redis.xadd(keys.loopback_events(room.name), {"data": json.dumps(event)}, maxlen=EVENTS_MAXLEN)
+            if events or violations:
+                self._expire_with_room(room.name)
+
+    def _expire_with_room(self, room: str) -> None:
+        """A closed conversation's room stream expires (ECHOQ_RETENTION_S); what the replica
+        writes into that room afterwards expires with it instead of staying for ever."""
+        ttl_ms = int(self.redis.pttl(keys.loopback_room(room)))
+        if ttl_ms > 0:
+            for key in (keys.loopback_events(room), violations_key(room)):
+                self.redis.pexpire(key, ttl_ms, lt=True)
 
     def _busy(self) -> bool:
         with self._lock:

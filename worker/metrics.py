@@ -40,6 +40,10 @@ FIRST_AUDIO_SECONDS = Histogram(
 )
 SENDS_FENCED = Counter("echoq_sends_fenced", "Sends refused because this worker's lease was gone")
 SESSIONS_HELD = Gauge("echoq_sessions_held", "Room sessions this worker process holds")
+CONVERSATIONS_WAITING = Gauge(
+    "echoq_conversations_waiting",
+    "Open conversations no worker could take at this worker's last scan (every worker at its limit)",
+)
 BACKLOG = Gauge("echoq_backlog", "Log entries not yet sent, per conversation", ["conversation_id"])
 
 # Pre-create the fixed label sets so dashboards see zeros instead of missing series.
@@ -87,6 +91,12 @@ def first_message(seconds: float) -> None:
 def sessions_held(n: int) -> None:
     """Set how many room sessions this process holds."""
     SESSIONS_HELD.set(n)
+
+
+def conversations_waiting(n: int) -> None:
+    """Set how many open conversations wait for a worker with room (the same fleet-wide count on
+    every worker that is full; 0 on a worker with room, which takes them)."""
+    CONVERSATIONS_WAITING.set(n)
 
 
 def backlog(conversation_id: str, n: int) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from . import echo, keys, metrics
+from . import capacity, echo, keys, metrics, retention
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
@@ -105,9 +105,14 @@ class Session:
 class SessionManager:
     """The sessions of this worker process, their leases and their room events."""
 
-    def __init__(self, app: Celery, settings: Settings, client: redis.Redis, hostname: str | None = None) -> None:
+    def __init__(self, app: Celery, settings: Settings, client: redis.Redis, hostname: str | None = None,
+                 threads: int | None = None) -> None:
         self.app = app
         self.settings = settings
+        #: the worker's pool size, and the most conversations it serves at the configured pacing
+        self.threads = threads or settings.worker_concurrency
+        self.limit = capacity.session_limit(settings, self.threads)
+        self.waiting = capacity.Waiting(client)
         self.redis = client
         self.store = Store(client)
         self.hostname = hostname or f"echoq-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
@@ -117,6 +122,8 @@ class SessionManager:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._free_since: dict[str, float] = {}
+        #: conversations closed here -> (when, room url): their keys get a second retention pass
+        self._closed_at: dict[str, tuple[float, str]] = {}
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
@@ -130,7 +137,8 @@ class SessionManager:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        step(log, "worker.started", worker=self.hostname, max_sessions=self.settings.max_sessions)
+        step(log, "worker.started", worker=self.hostname, max_sessions=self.limit, threads=self.threads,
+             pacing=self.settings.pacing)
 
     def begin_shutdown(self) -> None:
         """Warm shutdown has begun: every sender finishes its current utterance, then stops."""
@@ -160,7 +168,7 @@ class SessionManager:
             if conversation_id in self.sessions:
                 return self.sessions[conversation_id]
             if (self.shutting_down or conversation_id in self._adopting
-                    or len(self.sessions) + len(self._adopting) >= self.settings.max_sessions):
+                    or len(self.sessions) + len(self._adopting) >= self.limit):
                 return None
             self._adopting.add(conversation_id)
         try:
@@ -172,6 +180,8 @@ class SessionManager:
     def _adopt(self, cid: str) -> Session | None:
         conv = self.store.conversation(cid)
         if not conv or conv.get("state") == "closed":
+            return None
+        if not self._room_for(conv.get("mode", "echo")):
             return None
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
         taken_at = time.monotonic()
@@ -201,13 +211,21 @@ class SessionManager:
         with self._lock:
             self.sessions[cid] = session
         self._failures.pop(cid, None)
-        self.store.set_conversation_fields(cid, owner=self.hostname, joined_at=f"{time.time():.6f}", last_error="")
+        self.store.set_conversation_fields(cid, owner=self.hostname, joined_at=f"{time.time():.6f}", last_error="",
+                                           waiting="", waiting_since="")
         self.store.add_event(cid, {"type": "conversation.joined", "worker": self.hostname})
         step(log, "room.joined", conversation=cid, worker=self.hostname, ms=ms_since(t0))
         self.app.control.add_consumer(keys.conv_queue(cid), destination=[self.hostname])
         metrics.sessions_held(len(self.sessions))
         self.ring(cid, here=True)
         return session
+
+    def _room_for(self, mode: str) -> bool:
+        """Whether one more conversation in ``mode`` keeps every real-time sender served."""
+        if not capacity.paces_in_real_time(self.settings, mode):
+            return True
+        paced = sum(1 for s in list(self.sessions.values()) if capacity.paces_in_real_time(self.settings, s.mode))
+        return paced < capacity.realtime_slots(self.threads)
 
     def _note_failure(self, cid: str, exc: Exception) -> None:
         n = self._failures.get(cid, 0) + 1
@@ -263,10 +281,15 @@ class SessionManager:
             self._close_now(cid)
 
     def _close_now(self, cid: str) -> None:
+        session = self.sessions.get(cid)
         # closed first, then the lease goes: a worker scanning for free conversations in between
         # must find this one closed, not free
         self.store.mark_closed(cid)
         self.drop(cid, "closed")
+        # after drop: the queue is no longer consumed, so its leftover doorbells can go
+        expiring = retention.expire_conversation(self.redis, cid, self.settings.retention_s)
+        self._closed_at[cid] = (time.monotonic(), session.url if session else "")
+        step(log, "conversation.expiring", conversation=cid, keys=expiring, ttl_s=self.settings.retention_s)
 
     # the supervisor ------------------------------------------------------------------------
 
@@ -282,6 +305,10 @@ class SessionManager:
     def _tick(self) -> None:
         s = self.settings
         now = time.monotonic()
+        for cid, (closed_at, url) in list(self._closed_at.items()):
+            if now - closed_at >= retention.SECOND_PASS_LEASES * s.lease_ttl_s:
+                retention.expire_conversation(self.redis, cid, s.retention_s, url)
+                del self._closed_at[cid]
         for cid, session in list(self.sessions.items()):
             if now - session.renewed_at >= s.lease_ttl_s / 3:
                 requested = time.monotonic()
@@ -301,10 +328,13 @@ class SessionManager:
             elif backlog and not session.draining and not self.shutting_down:
                 self.ring(cid)
         self.redis.hset(keys.WORKERS, self.hostname, json.dumps(
-            {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": s.max_sessions}))
-        if self.shutting_down or len(self.sessions) >= s.max_sessions:
+            {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": self.limit,
+             "threads": self.threads, "shutting_down": self.shutting_down}))
+        if self.shutting_down or len(self.sessions) >= self.limit:
+            self._note_waiting()
             return
         free = set()
+        metrics.conversations_waiting(0)  # this worker has room: it takes any free one below
         for cid in self.store.open_conversations():
             if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
                 continue
@@ -318,6 +348,19 @@ class SessionManager:
                     self._pool.submit(self.adopt, cid)
         for cid in set(self._free_since) - free:
             del self._free_since[cid]
+
+    def _note_waiting(self) -> None:
+        """This worker is full: when no live worker has room, mark the unowned conversations
+        waiting (each once, with the reason) so that nobody wonders why they are silent."""
+        reason = capacity.fleet(self.redis, self.settings).waiting_reason
+        if reason is None:  # another worker has room and takes them on its next scan
+            metrics.conversations_waiting(0)
+            return
+        unowned = self.waiting.unowned(self.store.open_conversations())
+        metrics.conversations_waiting(len(unowned))
+        for cid in unowned:
+            if self.waiting.mark(cid, reason):
+                step(log, "conversation.waiting", logging.WARNING, conversation=cid, reason=reason)
 
     # room events ---------------------------------------------------------------------------
 

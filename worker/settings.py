@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=50, ge=1, description="Conversations one worker process holds")
     worker_concurrency: int = Field(default=8, ge=1)
 
+    # Scheduler (`echoq beat`): a standby takes over at most lock timeout + max interval after
+    # the active beat dies, and within one max interval after it stops cleanly
+    beat_max_interval_s: float = Field(default=1.0, gt=0, description="Longest sleep between beat ticks; also how often a standby retries the lock")
+    beat_lock_timeout_s: float = Field(default=5.0, gt=0, description="TTL of the active beat's lock, renewed every tick")
+
+    # Retention: how long a closed conversation's keys stay in Redis
+    retention_s: int = Field(default=24 * 3600, ge=1, description="Seconds a closed conversation's log, records, events and blobs are kept")
+
     # Inputs
     blob_ttl_s: int = Field(default=24 * 3600, ge=60)
     max_audio_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)

@@ -89,7 +89,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     setup_logging(settings.log_level, settings.log_json)
     client = redis.Redis.from_url(settings.redis_url)
     hostname = getattr(sender, "hostname", None)
-    install(lambda: SessionManager(app, settings, client, hostname))
+    threads = getattr(getattr(sender, "pool", None), "limit", None)  # -c, which may differ from the setting
+    install(lambda: SessionManager(app, settings, client, hostname, threads=threads))
     if settings.metrics_port:
         port = metrics.start_server(settings.metrics_port)
         step(log, "metrics.serving", port=port)

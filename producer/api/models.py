@@ -128,6 +128,8 @@ class ConversationOut(BaseModel):
     utterances: int = 0
     cursor: Cursor | None = None
     current_utterance: str | None = None
+    waiting: str | None = Field(default=None, description="why no worker sends for it yet (no worker, or every "
+                                                          "worker at its session limit); null once one owns it")
     tavus: dict[str, Any] | None = None
 
 

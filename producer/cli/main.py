@@ -60,6 +60,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_open(args: argparse.Namespace) -> int:
     conv = _client().open(args.conversation_id, args.url, mode=args.mode)
     _print(args, conv, f"opened {args.conversation_id} ({conv.get('mode')}) -> {conv.get('url')}")
+    if conv.get("waiting"):
+        print(f"echoq open: warning: {args.conversation_id} waits for a worker: {conv['waiting']}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -56,14 +56,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the scheduler for scheduled batches (Celery beat with RedBeat)",
         description=(
             "Run Celery beat with the RedBeat scheduler: the schedule lives in Redis "
-            "(ECHOQ_REDIS_URL) and a lock keeps one scheduler active at a time."
+            "(ECHOQ_REDIS_URL) and a lock keeps one scheduler active at a time. A standby "
+            "takes over within ECHOQ_BEAT_LOCK_TIMEOUT_S + ECHOQ_BEAT_MAX_INTERVAL_S seconds of "
+            "the active one dying, and within ECHOQ_BEAT_MAX_INTERVAL_S of it stopping."
         ),
     )
     beat.add_argument(
         "--max-interval",
-        type=int,
+        type=float,
         default=None,
-        help="longest sleep between schedule checks, in seconds (Celery's default when unset)",
+        help="longest sleep between schedule checks and lock retries, in seconds "
+             "(default: ECHOQ_BEAT_MAX_INTERVAL_S)",
     )
     beat.set_defaults(func=run_beat)
 
@@ -144,18 +147,38 @@ def run_flower(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def beat_timing(max_interval_s: float, lock_timeout_s: float) -> str | None:
+    """Why a beat interval and lock timeout do not fit together, or None when they do.
+
+    The active beat renews its lock once a tick, and a tick comes at most ``max_interval_s``
+    apart: a lock that lives less than two intervals could lapse under a live beat, and a
+    standby would then fire beside it (harmless for echoq's slots, which fire once, but noisy).
+    """
+    if lock_timeout_s < 2 * max_interval_s:
+        return (f"ECHOQ_BEAT_LOCK_TIMEOUT_S ({lock_timeout_s:g}) must be at least twice the beat interval "
+                f"({max_interval_s:g}): the active beat renews its lock once an interval")
+    return None
+
+
 def run_beat(args: argparse.Namespace) -> int:
     """Run Celery beat with RedBeat in this process, its schedule in ``settings.redis_url``."""
     settings = get_settings()
     from producer.scripting.beat import configure_redbeat
     from worker.celery_app import app
 
+    max_interval = args.max_interval if args.max_interval is not None else settings.beat_max_interval_s
+    problem = beat_timing(max_interval, settings.beat_lock_timeout_s)
+    if problem:
+        print(f"echoq beat: {problem}", file=sys.stderr)
+        return 2
+    # RedBeat's own defaults (a 300 s interval, a 1,500 s lock) leave schedules silent for up to
+    # 25 minutes after the active beat is killed: the standby sleeps max_interval between lock
+    # attempts and the dead beat's lock outlives it by lock_timeout. Both come from settings.
+    app.conf.update(beat_max_loop_interval=max_interval, redbeat_lock_timeout=settings.beat_lock_timeout_s)
     # RedBeat keeps the schedule and its lock in Redis; without this it would use the broker URL,
     # which may be a different server or database. The key prefix (ECHOQ_REDBEAT_KEY_PREFIX) is
     # the one producers write schedule entries under; the static pump entry paces script lines.
     configure_redbeat(app, settings.redis_url, with_pump=True)
     argv = ["beat", "--scheduler", "redbeat.RedBeatScheduler", "--loglevel", settings.log_level]
-    if args.max_interval is not None:
-        argv += ["--max-interval", str(args.max_interval)]
     code = app.start(argv)
     return int(code or 0)

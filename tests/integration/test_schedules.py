@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -27,14 +28,29 @@ class Beats:
         self.tmp, self.prefix, self.procs = tmp, prefix, []  # type: ignore[var-annotated]
 
     def start(self) -> WorkerProc:
+        """A beat with the default interval and lock timeout (what the README and compose run)."""
         name = f"beat-{len(self.procs)}"
         log_path = self.tmp / f"{name}.log"
         env = {**os.environ, **FAST_ENV, "ECHOQ_REDIS_URL": TEST_REDIS_URL, REDBEAT_PREFIX_ENV: self.prefix}
-        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "beat", "--max-interval", "1"], cwd=ROOT,
+        for setting in ("ECHOQ_BEAT_MAX_INTERVAL_S", "ECHOQ_BEAT_LOCK_TIMEOUT_S"):
+            env.pop(setting, None)
+        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "beat"], cwd=ROOT,
                                 env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
         beat = WorkerProc(name, proc, log_path)
         self.procs.append(beat)
         return beat
+
+    def start_active_then_standby(self) -> tuple[WorkerProc, WorkerProc]:
+        """Two beats: the first holds RedBeat's lock before the second starts and waits for it."""
+        active = self.start()
+        wait_for(lambda: "Acquired lock" in active.log() or active.proc.poll() is not None, 30,
+                 what="the first beat to take the lock")
+        assert active.proc.poll() is None, active.log()[-2000:]
+        standby = self.start()
+        wait_for(lambda: "beat: Starting" in standby.log() or standby.proc.poll() is not None, 30,
+                 what="the second beat to start")
+        assert "Acquired lock" not in standby.log()
+        return active, standby
 
 
 @pytest.fixture
@@ -85,7 +101,7 @@ def test_every_2s_fires_repeatedly_each_firing_once_in_order_with_two_schedulers
     workers.start(1, **{REDBEAT_PREFIX_ENV: prefix})
     client.open("conv-s", "loopback://room-s")
     sid = store.add(script("conv-s", "first", "second"), every="2s", schedule_id="tick")["id"]
-    first, second = beats.start(), beats.start()  # one holds RedBeat's lock, the other waits for it
+    first, second = beats.start_active_then_standby()
     runs = wait_for(lambda: finished_runs(store, sid, 2), 30, what="two firings")
     # hand over: the active scheduler stops, the waiting one takes the lock and fires on
     first.stop()
@@ -96,6 +112,29 @@ def test_every_2s_fires_repeatedly_each_firing_once_in_order_with_two_schedulers
     assert len(slots) == len(set(slots))
     assert all((b - a) % 2 == 0 for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False))
     assert_each_run_spoken_once_in_order(runs, echo_ids(redis_client, "room-s"))
+
+
+def test_kill_9_of_the_active_beat_hands_over_with_default_settings_and_no_slot_speaks_twice(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, beats: Beats, store: Any,
+    prefix: str,
+) -> None:
+    workers.start(1, **{REDBEAT_PREFIX_ENV: prefix})
+    client.open("conv-k", "loopback://room-k")
+    sid = store.add(script("conv-k", "one", "two"), every="2s", schedule_id="killed")["id"]
+    active, standby = beats.start_active_then_standby()
+    runs = wait_for(lambda: finished_runs(store, sid, 2), 30, what="two firings")
+    active.proc.send_signal(signal.SIGKILL)  # no clean-up: its lock stays until it times out
+    active.proc.wait(10)
+    before = {r["slot"] for r in store.history(sid, limit=100)}
+    # the default lock timeout is 5 s and the interval 1 s: a standby that took over fires the
+    # next 2 s slots; the bound is generous for a busy machine (the figure is measured, not here)
+    runs = wait_for(lambda: (r := finished_runs(store, sid, len(runs) + 3))
+                    and len({x["slot"] for x in r} - before) >= 3 and r, 40,
+                    what="three new firings after the kill")
+    assert "Acquired lock" in standby.log() and standby.proc.poll() is None, standby.log()[-2000:]
+    slots = [r["slot"] for r in runs]
+    assert len(slots) == len(set(slots)), "a slot ran twice"
+    assert_each_run_spoken_once_in_order(runs, echo_ids(redis_client, "room-k"))
 
 
 def test_the_same_slot_fired_twice_speaks_once(

@@ -392,3 +392,14 @@ def test_env_example_values_are_the_defaults(monkeypatch: pytest.MonkeyPatch) ->
         if field == "tavus_api_key":
             continue
         assert getattr(from_file, field) == info.default, f"{_env_name(field)} differs from its default"
+
+
+def test_beat_refuses_a_lock_that_could_lapse_between_two_ticks() -> None:
+    from producer.cli.ops import beat_timing
+    from worker.settings import Settings
+
+    defaults = Settings()
+    assert beat_timing(defaults.beat_max_interval_s, defaults.beat_lock_timeout_s) is None
+    assert defaults.beat_lock_timeout_s + defaults.beat_max_interval_s <= 10  # failover in seconds
+    problem = beat_timing(3, 5)
+    assert problem is not None and "twice" in problem
