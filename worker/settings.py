@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_messages_per_second: float = Field(default=0.0, ge=0, description="0 means no limit")
 
     # Microphone echo
-    mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per virtual-microphone write")
+    mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per microphone-track write, a multiple of 10 ms")
     mic_max_lead_ms: int = Field(default=60, ge=0, le=1000, description="How far microphone audio may run ahead of real time")
     mic_gap_ms: int = Field(default=200, ge=0, le=5000, description="Silence between back-to-back microphone utterances")
 
@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     def _rate(cls, v: int) -> int:
         if v not in SAMPLE_RATES:
             raise ValueError(f"must be 16000 or 24000, not {v}")
+        return v
+
+    @field_validator("mic_frame_ms")
+    @classmethod
+    def _whole_10ms(cls, v: int) -> int:
+        # Daily's audio source pads any other length with silence: holes in the track.
+        if v % 10:
+            raise ValueError(f"must be a multiple of 10 ms (Daily pads other lengths with silence), not {v}")
         return v
 
     @field_validator("log_level")
