@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from . import echo, keys, metrics
+from . import echo, keys, metrics, sealing
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
 from .store import Store
 from .transports import Transport, open_transport
+from .transports.base import REPLICA_JOINED, REPLICA_LEFT
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("echoq.sessions")
 
 SPEAKING_STARTED = {echo.STARTED_SPEAKING, "conversation.started_speaking"}
+#: how many replica starts and stops are remembered to count each once
+_SEEN_EVENTS = 4096
 SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
 
 
@@ -44,7 +48,7 @@ class Session:
     """One conversation's room connection and its ordered sender."""
 
     def __init__(self, manager: SessionManager, conversation_id: str, url: str, mode: str, token: str,
-                 transport: Transport) -> None:
+                 transport: Transport, wire_id: str | None = None) -> None:
         self.manager = manager
         self.cid = conversation_id
         self.url = url
@@ -64,7 +68,7 @@ class Session:
 
             sender_cls = MicrophoneSender
         self.sender = sender_cls(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
-                                 token=token, wake=self.wake, stopping=lambda: self.stopped)
+                                 token=token, wake=self.wake, stopping=lambda: self.stopped, wire_id=wire_id)
 
     def drain(self, progress: Progress | None = None) -> int:
         """Send the backlog. Only one thread sends; a second caller leaves a note and returns."""
@@ -113,6 +117,7 @@ class SessionManager:
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
         self._threads: list[threading.Thread] = []
@@ -168,6 +173,8 @@ class SessionManager:
         conv = self.store.conversation(cid)
         if not conv or conv.get("state") == "closed":
             return None
+        if self._closed_unjoined(cid, conv):
+            return None
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
         if not self.store.take_lease(cid, token, self.settings.lease_ttl_s):
             return None
@@ -178,8 +185,10 @@ class SessionManager:
         step(log, "conversation.taken", conversation=cid, worker=self.hostname)
         transport: Transport | None = None
         try:
+            sealed = conv.get(sealing.TOKEN_FIELD)
+            meeting_token = sealing.unseal(sealed, self.settings.secret_key) if sealed else None
             transport = open_transport(conv["url"], redis_client=self.redis, settings=self.settings,
-                                       on_event=lambda ev: self._events.put((cid, ev)))
+                                       on_event=lambda ev: self._events.put((cid, ev)), meeting_token=meeting_token)
             transport.join(self.settings.join_timeout_s)
         except Exception as exc:
             if not isinstance(exc, EchoqError):
@@ -187,9 +196,10 @@ class SessionManager:
             if transport is not None:
                 transport.leave()
             self.store.release_lease(cid, token)
-            self._note_failure(cid, exc)
+            if not self._closed_unjoined(cid, self.store.conversation(cid) or {}):
+                self._note_failure(cid, exc)
             return None
-        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport)
+        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport, conv.get("wire_id"))
         with self._lock:
             self.sessions[cid] = session
         self._failures.pop(cid, None)
@@ -200,6 +210,19 @@ class SessionManager:
         metrics.sessions_held(len(self.sessions))
         self.ring(cid, here=True)
         return session
+
+    def _closed_unjoined(self, cid: str, conv: dict[str, str]) -> bool:
+        """Close a conversation that is closing with nothing left to send and no room joined:
+        there is nothing to leave, and joining only to leave would keep it ``closing`` for as
+        long as its room cannot be joined."""
+        if (conv.get("state") != "closing" or self.store.backlog(cid) or cid in self.sessions
+                or self.store.lease_owner(cid) is not None):
+            return False
+        self.store.mark_closed(cid)
+        self._retry_at.pop(cid, None)
+        self._failures.pop(cid, None)
+        step(log, "room.left", conversation=cid, worker=self.hostname, reason="closed before joining")
+        return True
 
     def _note_failure(self, cid: str, exc: Exception) -> None:
         n = self._failures.get(cid, 0) + 1
@@ -295,7 +318,7 @@ class SessionManager:
         for cid in self.store.open_conversations():
             if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
                 continue
-            if self.store.lease_owner(cid) is None:
+            if self.store.lease_owner(cid) is None and not self._closed_unjoined(cid, self.store.conversation(cid) or {}):
                 self._pool.submit(self.adopt, cid)
 
     # room events ---------------------------------------------------------------------------
@@ -313,6 +336,9 @@ class SessionManager:
 
     def _on_room_event(self, cid: str, event: dict[str, Any]) -> None:
         etype = event.get("event_type")
+        if etype in (REPLICA_LEFT, REPLICA_JOINED):
+            self._on_presence(cid, etype == REPLICA_JOINED)
+            return
         props = event.get("properties") or {}
         if not isinstance(props, dict):
             props = {}
@@ -320,6 +346,8 @@ class SessionManager:
         if role not in (None, "replica"):
             return
         inference_id = event.get("inference_id") or props.get("inference_id")
+        if self._seen_before(cid, etype, inference_id, event.get("turn_idx")):
+            return
         uid = self.store.utterance_for_inference(inference_id) if inference_id else None
         record: dict[str, Any] = {"type": f"replica.{str(etype).rsplit('.', 1)[-1]}", "inference_id": inference_id,
                                   "utterance_id": uid, "seq": event.get("seq")}
@@ -336,6 +364,29 @@ class SessionManager:
         elif etype not in SPEAKING_STARTED | SPEAKING_STOPPED:
             record["event_type"] = etype
         self.store.add_event(cid, record)
+
+
+    def _seen_before(self, cid: str, etype: Any, inference_id: Any, turn_idx: Any) -> bool:
+        """Whether this start or stop was handled already: Tavus fires its role-based and its
+        replica events in parallel, so one stop can arrive twice, once of each kind."""
+        kind = "started" if etype in SPEAKING_STARTED else "stopped" if etype in SPEAKING_STOPPED else None
+        ident = inference_id or (f"turn:{turn_idx}" if turn_idx is not None else None)
+        if kind is None or ident is None:
+            return False
+        key = (cid, kind, str(ident))
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        while len(self._seen) > _SEEN_EVENTS:
+            self._seen.popitem(last=False)
+        return False
+
+    def _on_presence(self, cid: str, present: bool) -> None:
+        """The replica left the room (delivery waits for it) or is back (delivery goes on)."""
+        self.store.set_conversation_fields(cid, replica="present" if present else "absent")
+        self.store.add_event(cid, {"type": "replica.joined" if present else "replica.left"})
+        step(log, "replica.joined" if present else "replica.left", logging.INFO if present else logging.WARNING,
+             conversation=cid)
 
 
 _manager: SessionManager | None = None

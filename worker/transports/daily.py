@@ -37,7 +37,7 @@ from urllib.parse import quote, quote_plus
 from ..errors import JoinFailed, ReplicaAbsent, RoomDisconnected, SendFailed
 from ..logs import ms_since, step
 from . import daily_sdk
-from .base import EventHandler, Transport
+from .base import REPLICA_JOINED, REPLICA_LEFT, EventHandler, Transport
 from .daily_sdk import wait_for_cleanup
 from .daily_track import MicrophoneTrack
 from .urls import room_label, split_token
@@ -55,10 +55,6 @@ CLIENT_SETTINGS: dict[str, Any] = {
     "inputs": {"camera": False, "microphone": False},
     "publishing": {"camera": {"isPublishing": False}, "microphone": {"isPublishing": False}},
 }
-
-#: Events this transport adds to the replica's own: the replica left the call, or (re)joined it.
-REPLICA_LEFT = "echoq.replica.left"
-REPLICA_JOINED = "echoq.replica.joined"
 
 #: ``ChannelNotOpen`` sends in a row, while the call still says ``joined``, that count as a lost call.
 CHANNEL_FAILURES_BEFORE_LOST = 3
