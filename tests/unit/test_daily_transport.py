@@ -6,6 +6,7 @@ these tests exercise the real hand-off between that thread and the caller's.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -13,10 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.doubles.fake_daily import CHANNEL_NOT_OPEN, DoubleInit, FakeDaily, NotInitialised
+from tests.unit.test_microphone import CID, MemoryStore
+from tests.unit.test_microphone import TOKEN as LEASE
 from worker.errors import InvalidInput, JoinFailed, ReplicaAbsent, RoomDisconnected, SendFailed
+from worker.sender import Sender
 from worker.settings import Settings
 from worker.transports import daily_sdk
 from worker.transports.daily import (
@@ -658,3 +663,41 @@ def test_token_never_appears_in_errors_or_logs(fake: FakeDaily, caplog: pytest.L
     assert "example.daily.co/room-1" in str(raised[0])
     assert caplog.records, "expected lifecycle log lines"
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
+
+
+# -- the sender over Daily: the replica leaves mid-utterance --------------------------------------
+
+
+def test_replica_leaving_mid_utterance_nothing_lost_nothing_to_an_empty_room(fake: FakeDaily) -> None:
+    rate = 24000
+    pcm = (0.3 * 32767 * np.sin(np.arange(int(0.4 * rate)) * 0.05)).astype("<i2").tobytes()  # 10 chunks
+    store = MemoryStore()
+    store.add_audio("u1", pcm)
+    replica = fake.add_participant("tavus-replica")
+    t = joined(fake, replica_user_name="tavus-replica", replica_wait_timeout_s=30.0)
+    at_return: list[int] = []
+
+    def back() -> None:
+        fake.add_participant("tavus-replica")  # the replica returns (a new participant id)
+
+    original_send = t.send
+
+    def send(message: dict[str, Any]) -> None:
+        original_send(message)
+        if len(fake.sent) == 4:  # the replica leaves after the fourth chunk
+            fake.remove_participant(replica)
+            fake.drain()
+            threading.Timer(0.2, lambda: (at_return.append(len(fake.sent)), back())).start()
+
+    t.send = send  # type: ignore[method-assign]
+    sender = Sender(CID, store=store, transport=t, settings=make_settings(replica_wait_timeout_s=30.0),  # type: ignore[arg-type]
+                    token=LEASE, wake=threading.Event(), stopping=lambda: False, wire_id="tavus-c9")
+    assert sender.drain() == 1
+    assert at_return == [4], "nothing went to the room while the replica was away"
+    props = [m["properties"] for m in fake.sent]
+    assert len(props) == 10
+    assert b"".join(base64.b64decode(p["audio"]) for p in props) == pcm, "every sample once, in order"
+    assert [p["done"] for p in props] == [False] * 9 + [True]
+    assert {p["inference_id"] for p in props} == {"u1"}
+    assert {m["conversation_id"] for m in fake.sent} == {"tavus-c9"}
+    assert store.state("u1") == "sent"
