@@ -63,6 +63,7 @@ _CHANNEL_DOWN = re.compile(r"channelnotopen|not ?joined|disconnected", re.IGNORE
 # Tavus's events that only the replica sends: their sender is the replica.
 _REPLICA_EVENT = re.compile(r"^conversation\.replica\.")
 _ABORTED = "abandoned: the worker is stopping"
+_WAIT_SLICE_S = 0.25
 
 _registry_lock = threading.Lock()
 _live: set[DailyTransport] = set()
@@ -225,6 +226,19 @@ class _Session:
                 self.replica_names.add(name)
 
         self._update(apply)
+
+
+def _wait(future: Future[Any], timeout: float) -> Any:
+    """``future.result(timeout)`` in short slices: a signal that lands on one of the SDK's own
+    threads is only acted on (Ctrl-C raised) when this thread runs Python code again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return future.result(timeout=max(0.0, min(remaining, _WAIT_SLICE_S)))
+        except FutureTimeout:
+            if remaining <= _WAIT_SLICE_S:
+                raise
 
 
 def _participant_id(key: str | None, info: Any) -> str | None:
@@ -427,7 +441,7 @@ class DailyTransport(Transport):
                     client_settings=CLIENT_SETTINGS,
                     completion=lambda data, error: daily_sdk.settle(done, (data, error)),
                 )
-                data, error = done.result(timeout=timeout)
+                data, error = _wait(done, timeout)
             except FutureTimeout:
                 self.leave(background=True)
                 raise JoinFailed(f"join of daily room {self.room} timed out after {timeout:.1f}s") from None
