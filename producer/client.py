@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker import audio, capacity, echo, keys, retention
+from worker import audio, capacity, echo, keys, retention, sealing
 from worker.errors import (
     AudioError,
     BackendUnavailable,
@@ -35,12 +35,14 @@ from worker.settings import SAMPLE_RATES, Settings, get_settings
 from worker.store import DELIVERED_STATES, FINAL_STATES, Store, text
 from worker.text import check_text
 from worker.transports import check_url
+from worker.transports.urls import is_loopback, room_label, split_token, tavus_conversation_id
 
 from . import fetch
 
 log = logging.getLogger("echoq.producer")
 
 RAW_FORMATS = ("raw", "pcm", "s16le")
+SEALED_TOKEN_FIELD = sealing.TOKEN_FIELD
 MODES = ("echo", "microphone")
 
 
@@ -68,18 +70,41 @@ class EchoqClient:
 
     # conversations -------------------------------------------------------------------------
 
-    def open(self, conversation_id: str, url: str, *, mode: str = "echo") -> dict[str, str]:
+    def open(self, conversation_id: str, url: str, *, mode: str = "echo", tavus_conversation_id: str | None = None,
+             meeting_token: str | None = None) -> dict[str, str]:
         """Open (or reopen) a conversation; a worker with room takes it and joins ``url``.
+
+        On the wire the conversation is Tavus's: ``tavus_conversation_id``, or the last path
+        segment of a Daily ``url`` (``https://tavus.daily.co/<id>``); a conflict between the two is
+        :class:`InvalidInput`. Loopback rooms keep ``conversation_id``. ``meeting_token`` (or
+        ``?t=`` in the URL) joins a private room; it is sealed with ``ECHOQ_SECRET_KEY`` before it
+        is stored. Reopening an open conversation on another room is refused: close it first.
 
         When no live worker has room, the conversation is marked waiting and the returned
         record's ``waiting`` says why (a warning is logged too); it is taken as soon as a worker
-        has room."""
+        has room.
+        """
         _check_id(conversation_id)
         check_url(url)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        room_url, url_token = split_token(url)
+        token = meeting_token or url_token
+        fields = {"wire_id": self._wire_id(conversation_id, room_url, tavus_conversation_id)}
+        sealed = sealing.seal(token, self.settings.secret_key) if token else None
         with _backend():
-            record = self.store.open_conversation(conversation_id, url, mode)
+            current = self.store.conversation(conversation_id)
+            if current and current.get("state") in ("open", "closing") and current.get("url") != room_url:
+                raise InvalidInput(
+                    f"conversation {conversation_id!r} is {current.get('state')} on {room_label(current.get('url', ''))}; "
+                    f"close it before opening it on {room_label(room_url)}")
+            # set before the conversation opens, so a worker never adopts it with stale fields
+            self.store.set_conversation_fields(conversation_id, **fields)
+            if sealed is None:
+                self.redis.hdel(keys.conversation(conversation_id), SEALED_TOKEN_FIELD)
+            else:
+                self.store.set_conversation_fields(conversation_id, **{SEALED_TOKEN_FIELD: sealed})
+            record = self.store.open_conversation(conversation_id, room_url, mode)
             retention.keep_conversation(self.redis, conversation_id)  # a reopened one must not expire
             self.store.add_event(conversation_id, {"type": "conversation.opened", "mode": mode})
             self.app.send_task(keys.TASK_OPEN, args=[conversation_id], queue=keys.CONTROL_QUEUE)
@@ -88,7 +113,19 @@ class EchoqClient:
                 capacity.Waiting(self.redis).mark(conversation_id, reason)
                 record = {**record, "waiting": reason}
                 step(log, "conversation.waiting", logging.WARNING, conversation=conversation_id, reason=reason)
-        return record
+        return _public(record)
+
+    @staticmethod
+    def _wire_id(conversation_id: str, url: str, tavus_id: str | None) -> str:
+        if tavus_id is not None and not keys.CONVERSATION_ID_RE.match(tavus_id):
+            raise InvalidInput(f"Tavus conversation id must be letters, digits, '.', '_' or '-', not {tavus_id!r}")
+        if is_loopback(url):
+            return tavus_id or conversation_id
+        from_url = tavus_conversation_id(url)
+        if tavus_id and from_url and tavus_id != from_url:
+            raise InvalidInput(f"the Tavus conversation id {tavus_id!r} does not match the room URL, "
+                               f"which names {from_url!r}")
+        return tavus_id or from_url or conversation_id
 
     def close(self, conversation_id: str) -> None:
         """Stop taking utterances; the owner sends what is left, then leaves the room."""
@@ -104,7 +141,7 @@ class EchoqClient:
     def conversation(self, conversation_id: str) -> dict[str, Any]:
         """State of a conversation: owner, backlog, current utterance, last error."""
         with _backend():
-            conv: dict[str, Any] = dict(self._conversation(conversation_id, open_only=False))
+            conv: dict[str, Any] = _public(self._conversation(conversation_id, open_only=False))
             cur = self.store.cursor(conversation_id)
             conv["owner"] = (self.store.lease_owner(conversation_id) or "").split(":")[0] or None
             conv["backlog"] = self.store.backlog(conversation_id)
@@ -280,6 +317,14 @@ class EchoqClient:
     def _fetch(self, url: str, limit: int) -> bytes:
         return fetch.fetch(url, max_bytes=limit, deadline_s=self.settings.fetch_timeout_s,
                            allow=fetch.AllowList.parse(self.settings.fetch_allow_hosts))
+
+
+def _public(record: dict[str, str]) -> dict[str, Any]:
+    """A conversation record as shown to callers: the sealed token stays inside."""
+    out: dict[str, Any] = dict(record)
+    if out.pop(SEALED_TOKEN_FIELD, None):
+        out["private"] = True
+    return out
 
 
 def _check_id(conversation_id: str) -> None:

@@ -12,6 +12,8 @@ logged: the one log line per HTTP attempt holds method, path, status, attempt an
             ├── TavusAuthError      401 / 403: the key is wrong or lacks the right  (permanent)
             ├── TavusNotFound       404: no such persona or conversation            (permanent)
             ├── TavusRejected       any other 4xx: Tavus refused the request        (permanent)
+            ├── TavusConcurrencyLimit  400 "maximum concurrent conversations", still
+            │                       after the retries                               (retryable)
             ├── TavusRateLimited    429, still after the retries                    (retryable)
             ├── TavusServerError    5xx, still after the retries                    (retryable)
             └── TavusUnavailable    no answer (connection error, timeout); status None (retryable)
@@ -22,8 +24,9 @@ The permanent and retryable branches are also :class:`~worker.errors.PermanentEr
 Which calls are retried. Reading (GET), ending (``POST …/end``) and deleting are idempotent and
 retried on every transient failure. The two creating calls (``POST /personas`` and
 ``POST /conversations``) are retried only when Tavus cannot have acted on the request: a
-connection that never opened (refused, DNS, connect timeout) or a 429, which is a refusal before
-any work. After a 5xx, a read timeout or a dropped connection the request may have created a
+connection that never opened (refused, DNS, connect timeout), a 429, or Tavus's 400 "maximum
+concurrent conversations" (a refusal before any work, which lasts until one of the account's
+conversations ends: it is waited out with the same backoff). After a 5xx, a read timeout or a dropped connection the request may have created a
 persona or a conversation (a conversation is a billed room), so the error is raised instead of
 risking a duplicate; the caller can list or look up before trying again.
 """
@@ -35,6 +38,7 @@ import functools
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -55,6 +59,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "TavusAuthError",
     "TavusClient",
+    "TavusConcurrencyLimit",
     "TavusConfigError",
     "TavusError",
     "TavusHTTPError",
@@ -69,6 +74,8 @@ DEFAULT_BASE_URL = "https://tavusapi.com/v2"
 API_KEY_HEADER = "x-api-key"
 _MAX_MESSAGE_CHARS = 300
 _REDACTED = "[redacted]"
+# Tavus answers a create over the account's concurrency limit with a 400 saying so.
+_CONCURRENCY = re.compile(r"concurrent conversation", re.IGNORECASE)
 
 logger = logging.getLogger("echoq.tavus")
 
@@ -123,6 +130,10 @@ class TavusNotFound(TavusHTTPError, PermanentError):
 
 class TavusRejected(TavusHTTPError, PermanentError):
     """Any other 4xx: Tavus refused the request as it stands (bad field, conflict, ...)."""
+
+
+class TavusConcurrencyLimit(TavusHTTPError, RetryableError):
+    """400 "maximum concurrent conversations" on every attempt: end a conversation, or try later."""
 
 
 class TavusRateLimited(TavusHTTPError, RetryableError):
@@ -253,10 +264,20 @@ class TavusClient:
         conversation_name: str | None = None,
         callback_url: str | None = None,
         properties: Mapping[str, Any] | None = None,
+        require_auth: bool | None = None,
+        test_mode: bool | None = None,
+        audio_only: bool | None = None,
+        custom_greeting: str | None = None,
+        conversational_context: str | None = None,
     ) -> dict[str, Any]:
         """Start a conversation; returns ``conversation_id``, ``conversation_url`` (the Daily room)
         and ``status``. ``properties`` holds ``max_call_duration``, ``participant_left_timeout``,
-        ``participant_absent_timeout`` and the like, passed through as they are."""
+        ``participant_absent_timeout`` and the like, passed through as they are.
+
+        ``require_auth`` makes the room private: the answer then carries a ``meeting_token``, a
+        secret needed to join. ``test_mode`` (no replica joins, nothing billed), ``audio_only``,
+        ``custom_greeting`` and ``conversational_context`` are sent as Tavus names them; None
+        leaves a field out."""
         if not persona_id or not persona_id.strip():
             raise ValueError("persona_id must not be empty")
         body: dict[str, Any] = {"persona_id": persona_id}
@@ -268,6 +289,9 @@ class TavusClient:
             body["callback_url"] = callback_url
         if properties:
             body["properties"] = dict(properties)
+        optional = {"require_auth": require_auth, "test_mode": test_mode, "audio_only": audio_only,
+                    "custom_greeting": custom_greeting, "conversational_context": conversational_context}
+        body.update({k: v for k, v in optional.items() if v is not None})
         return _as_dict(self._request("POST", "/conversations", json_body=body, creates=True))
 
     def get_conversation(self, conversation_id: str) -> dict[str, Any]:
@@ -344,8 +368,9 @@ class TavusClient:
 
             duration = (time.monotonic() - t0) * 1000.0
             status = response.status_code
-            transient = status == 429 or status >= 500
-            retry = transient and not last and (not creates or status == 429)
+            busy = status == 400 and self._over_concurrency(response)
+            transient = status == 429 or status >= 500 or busy
+            retry = transient and not last and (not creates or status == 429 or busy)
             level = logging.INFO if status < 400 else logging.WARNING
             step(
                 logger,
@@ -368,9 +393,8 @@ class TavusClient:
                 response.close()
                 self._sleep(wait)
                 continue
-            raise _error_for_status(status)(
-                self._message_of(response), status=status, method=method, path=path
-            )
+            error = TavusConcurrencyLimit if busy else _error_for_status(status)
+            raise error(self._message_of(response), status=status, method=method, path=path)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
@@ -382,6 +406,10 @@ class TavusClient:
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
         # "Equal jitter": at least half the ceiling, so retries never bunch up at zero.
         return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _over_concurrency(self, response: requests.Response) -> bool:
+        """Whether a 400 is Tavus's "maximum concurrent conversations" (wait, then retry)."""
+        return bool(_CONCURRENCY.search(self._message_of(response)))
 
     def _parse(self, response: requests.Response, method: str, path: str) -> Any:
         if response.status_code == 204 or not response.content.strip():

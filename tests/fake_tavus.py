@@ -32,6 +32,8 @@ import pytest
 
 DEFAULT_KEY = "tvs-test-key-6f1c0e2a9b7d4c35"
 DEFAULT_CONVERSATION_URL = "https://tavus.daily.co/{conversation_id}"
+#: create fields the fake keeps on the conversation as they came
+CREATE_OPTIONS = ("require_auth", "test_mode", "audio_only", "custom_greeting", "conversational_context")
 
 
 @dataclass
@@ -137,6 +139,10 @@ class FakeTavus:
     ) -> None:
         """The next ``times`` requests get a Tavus-style 4xx, ``{field: message}``."""
         self._add(Fault(status=status, message=message, field=field), times)
+
+    def concurrency_limit(self, times: int = 1) -> None:
+        """The next ``times`` requests get Tavus's 400 for an account over its concurrency limit."""
+        self.reject(400, "User has reached maximum concurrent conversations", field="message", times=times)
 
     def fail_text(self, text: str, status: int = 502, times: int = 1) -> None:
         """The next ``times`` requests get an error with a plain-text body (a proxy's page)."""
@@ -345,9 +351,10 @@ class FakeTavus:
             "replica_id": replica_id,
             "properties": properties,
             "created_at": _now(),
+            **{k: body[k] for k in CREATE_OPTIONS if k in body},
         }
         self.state.conversations[cid] = conv
-        return 200, {
+        answer = {
             k: conv[k]
             for k in (
                 "conversation_id",
@@ -358,6 +365,9 @@ class FakeTavus:
                 "created_at",
             )
         }
+        if body.get("require_auth"):  # a private room: joined with this token (Tavus "Private Rooms")
+            conv["meeting_token"] = answer["meeting_token"] = f"mtk-{uuid.uuid4().hex}"
+        return 200, answer
 
     def _send(
         self, h: BaseHTTPRequestHandler, status: int, answer: Any, headers: dict[str, str] | None = None

@@ -165,6 +165,10 @@ class MicrophoneSender(Sender):
         finally:
             self._drop_prefetch()
 
+    def _cut_playing(self, done_seq: int, lookback: int = 32) -> None:
+        # Written at real time, a sent utterance has been played: there is nothing left to cut.
+        return
+
     def _announce_interrupt(self) -> None:
         # The stream is the interrupt in this mode: its frames have stopped. The audio converted
         # ahead belongs to an utterance the interrupt has just cancelled.

@@ -118,8 +118,11 @@ class Sender:
         wake: threading.Event,
         stopping: Callable[[], bool],
         epoch: int | None = None,
+        wire_id: str | None = None,
     ) -> None:
         self.cid = conversation_id
+        # The conversation's id on the wire: Tavus's, which echoq's own id need not be.
+        self.wire_id = wire_id or conversation_id
         self.store = store
         self.transport = transport
         self.settings = settings
@@ -169,15 +172,32 @@ class Sender:
                 rec = self.store.utterance(entry["utterance_id"]) or {}
                 if rec.get("state") == "sending":
                     self._mark_interrupted(entry)
+        self._cut_playing(done_seq)
         self._announce_interrupt()
         self._advance(max(done_seq, upto), 0, gen)
         self.gen = gen
         self.store.add_event(self.cid, {"type": "interrupt.sent", "upto": upto})
         step(log, "interrupt.sent", conversation=self.cid, upto=upto, ms=ms_since(t0))
 
+    def _cut_playing(self, done_seq: int, lookback: int = 32) -> None:
+        """Utterances sent whole but not yet heard to the end (``sent``: no replica outcome yet)
+        are cut by the interrupt too: they end ``interrupted``. Newest first, back to the first
+        one the replica finished (those that never reached the room are passed over)."""
+        first = max(0, done_seq - lookback)
+        for entry in reversed(self.store.entries_after(self.cid, first, count=done_seq - first)):
+            if not self.store.cut_playing(entry["utterance_id"]):
+                if (self.store.utterance(entry["utterance_id"]) or {}).get("state") in ("failed", "cancelled"):
+                    continue
+                return
+            self.store.add_event(self.cid, {"type": "utterance.interrupted", "utterance_id": entry["utterance_id"],
+                                            "seq": entry["seq"], "playing": True})
+            metrics.utterance_finished("interrupted")
+            step(log, "utterance.interrupted", conversation=self.cid, utterance=entry["utterance_id"],
+                 seq=entry["seq"], playing=True)
+
     def _announce_interrupt(self) -> None:
         """Tell the room the current utterance was cut: send ``conversation.interrupt``."""
-        self._send(echo.interrupt(self.cid), kind="interrupt")
+        self._send(echo.interrupt(self.wire_id), kind="interrupt")
 
     def _mark_interrupted(self, entry: dict[str, Any]) -> None:
         uid, seq = entry["utterance_id"], entry["seq"]
@@ -246,7 +266,7 @@ class Sender:
              interrupt_sent=cut)
 
     def _send_text(self, entry: dict[str, Any]) -> int:
-        message = echo.text_echo(self.cid, entry["text"], entry["inference_id"], max_bytes=self.settings.max_message_bytes)
+        message = echo.text_echo(self.wire_id, entry["text"], entry["inference_id"], max_bytes=self.settings.max_message_bytes)
         self._check_interrupt()
         self._send(message, kind="text", entry=entry)
         self._advance(int(entry["seq"]), 0)
@@ -274,7 +294,7 @@ class Sender:
         stream = self._pcm_chunks(entry)
 
         def put(pcm: bytes, last: bool) -> None:
-            message = echo.audio_echo(self.cid, pcm, rate, entry["inference_id"], last,
+            message = echo.audio_echo(self.wire_id, pcm, rate, entry["inference_id"], last,
                                       max_bytes=self.settings.max_message_bytes)
             self._wait_until(self.pacer.audio_due(len(pcm) / (2 * rate)))
             self._send(message, kind="audio", entry=entry)

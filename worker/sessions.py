@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.utils.nodenames import worker_direct
 
-from . import capacity, echo, keys, metrics, retention
+from . import capacity, echo, keys, metrics, retention, sealing
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
 from .store import Store
 from .transports import Transport, open_transport
+from .transports.base import REPLICA_JOINED, REPLICA_LEFT
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("echoq.sessions")
 
 SPEAKING_STARTED = {echo.STARTED_SPEAKING, "conversation.started_speaking"}
+#: how many replica starts and stops are remembered to count each once
+_SEEN_EVENTS = 4096
 SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
 
 
@@ -44,7 +48,8 @@ class Session:
     """One conversation's room connection and its ordered sender."""
 
     def __init__(self, manager: SessionManager, conversation_id: str, url: str, mode: str, token: str,
-                 transport: Transport, epoch: int | None = None, taken_at: float | None = None) -> None:
+                 transport: Transport, epoch: int | None = None, taken_at: float | None = None,
+                 wire_id: str | None = None) -> None:
         self.manager = manager
         self.cid = conversation_id
         self.url = url
@@ -65,7 +70,8 @@ class Session:
 
             sender_cls = MicrophoneSender
         self.sender = sender_cls(conversation_id, store=manager.store, transport=transport, settings=manager.settings,
-                                 token=token, wake=self.wake, stopping=lambda: self.stopped, epoch=epoch)
+                                 token=token, wake=self.wake, stopping=lambda: self.stopped, epoch=epoch,
+                                 wire_id=wire_id)
         # the fence opens from when the lease was *requested*, never from when this ran
         self.fence = self.sender.fence
         self.fence.renewed(self.renewed_at)
@@ -125,6 +131,7 @@ class SessionManager:
         #: conversations closed here -> (when, room url): their keys get a second retention pass
         self._closed_at: dict[str, tuple[float, str]] = {}
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
         self._threads: list[threading.Thread] = []
@@ -181,7 +188,7 @@ class SessionManager:
         conv = self.store.conversation(cid)
         if not conv or conv.get("state") == "closed":
             return None
-        if not self._room_for(conv.get("mode", "echo")):
+        if self._closed_unjoined(cid, conv) or not self._room_for(conv.get("mode", "echo")):
             return None
         token = f"{self.hostname}:{uuid.uuid4().hex[:8]}"
         taken_at = time.monotonic()
@@ -195,8 +202,10 @@ class SessionManager:
         step(log, "conversation.taken", conversation=cid, worker=self.hostname)
         transport: Transport | None = None
         try:
+            sealed = conv.get(sealing.TOKEN_FIELD)
+            meeting_token = sealing.unseal(sealed, self.settings.secret_key) if sealed else None
             transport = open_transport(conv["url"], redis_client=self.redis, settings=self.settings,
-                                       on_event=lambda ev: self._events.put((cid, ev)))
+                                       on_event=lambda ev: self._events.put((cid, ev)), meeting_token=meeting_token)
             transport.origin = token
             transport.join(self.settings.join_timeout_s)
         except Exception as exc:
@@ -205,9 +214,11 @@ class SessionManager:
             if transport is not None:
                 transport.leave()
             self.store.release_lease(cid, token)
-            self._note_failure(cid, exc)
+            if not self._closed_unjoined(cid, self.store.conversation(cid) or {}):
+                self._note_failure(cid, exc)
             return None
-        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport, epoch, taken_at)
+        session = Session(self, cid, conv["url"], conv.get("mode", "echo"), token, transport, epoch, taken_at,
+                          conv.get("wire_id"))
         with self._lock:
             self.sessions[cid] = session
         self._failures.pop(cid, None)
@@ -226,6 +237,19 @@ class SessionManager:
             return True
         paced = sum(1 for s in list(self.sessions.values()) if capacity.paces_in_real_time(self.settings, s.mode))
         return paced < capacity.realtime_slots(self.threads)
+
+    def _closed_unjoined(self, cid: str, conv: dict[str, str]) -> bool:
+        """Close a conversation that is closing with nothing left to send and no room joined:
+        there is nothing to leave, and joining only to leave would keep it ``closing`` for as
+        long as its room cannot be joined."""
+        if (conv.get("state") != "closing" or self.store.backlog(cid) or cid in self.sessions
+                or self.store.lease_owner(cid) is not None):
+            return False
+        self.store.mark_closed(cid)
+        self._retry_at.pop(cid, None)
+        self._failures.pop(cid, None)
+        step(log, "room.left", conversation=cid, worker=self.hostname, reason="closed before joining")
+        return True
 
     def _note_failure(self, cid: str, exc: Exception) -> None:
         n = self._failures.get(cid, 0) + 1
@@ -338,7 +362,7 @@ class SessionManager:
         for cid in self.store.open_conversations():
             if cid in self.sessions or cid in self._adopting or self._retry_at.get(cid, 0) > now:
                 continue
-            if self.store.lease_owner(cid) is None:
+            if self.store.lease_owner(cid) is None and not self._closed_unjoined(cid, self.store.conversation(cid) or {}):
                 free.add(cid)
                 # free on two scans at least two intervals apart: after a Redis outage every lease
                 # has run out at once, and the owner (which renews on its first scan back) keeps
@@ -377,6 +401,9 @@ class SessionManager:
 
     def _on_room_event(self, cid: str, event: dict[str, Any]) -> None:
         etype = event.get("event_type")
+        if etype in (REPLICA_LEFT, REPLICA_JOINED):
+            self._on_presence(cid, etype == REPLICA_JOINED)
+            return
         props = event.get("properties") or {}
         if not isinstance(props, dict):
             props = {}
@@ -384,6 +411,8 @@ class SessionManager:
         if role not in (None, "replica"):
             return
         inference_id = event.get("inference_id") or props.get("inference_id")
+        if self._seen_before(cid, etype, inference_id, event.get("turn_idx")):
+            return
         uid = self.store.utterance_for_inference(inference_id) if inference_id else None
         record: dict[str, Any] = {"type": f"replica.{str(etype).rsplit('.', 1)[-1]}", "inference_id": inference_id,
                                   "utterance_id": uid, "seq": event.get("seq")}
@@ -400,6 +429,29 @@ class SessionManager:
         elif etype not in SPEAKING_STARTED | SPEAKING_STOPPED:
             record["event_type"] = etype
         self.store.add_event(cid, record)
+
+
+    def _seen_before(self, cid: str, etype: Any, inference_id: Any, turn_idx: Any) -> bool:
+        """Whether this start or stop was handled already: Tavus fires its role-based and its
+        replica events in parallel, so one stop can arrive twice, once of each kind."""
+        kind = "started" if etype in SPEAKING_STARTED else "stopped" if etype in SPEAKING_STOPPED else None
+        ident = inference_id or (f"turn:{turn_idx}" if turn_idx is not None else None)
+        if kind is None or ident is None:
+            return False
+        key = (cid, kind, str(ident))
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        while len(self._seen) > _SEEN_EVENTS:
+            self._seen.popitem(last=False)
+        return False
+
+    def _on_presence(self, cid: str, present: bool) -> None:
+        """The replica left the room (delivery waits for it) or is back (delivery goes on)."""
+        self.store.set_conversation_fields(cid, replica="present" if present else "absent")
+        self.store.add_event(cid, {"type": "replica.joined" if present else "replica.left"})
+        step(log, "replica.joined" if present else "replica.left", logging.INFO if present else logging.WARNING,
+             conversation=cid)
 
 
 _manager: SessionManager | None = None

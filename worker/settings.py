@@ -7,7 +7,7 @@ default that works against Tavus and the loopback simulator alike.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_messages_per_second: float = Field(default=0.0, ge=0, description="0 means no limit")
 
     # Microphone echo
-    mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per virtual-microphone write")
+    mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per microphone-track write, a multiple of 10 ms")
     mic_max_lead_ms: int = Field(default=60, ge=0, le=1000, description="How far microphone audio may run ahead of real time")
     mic_gap_ms: int = Field(default=200, ge=0, le=5000, description="Silence between back-to-back microphone utterances")
 
@@ -40,7 +40,11 @@ class Settings(BaseSettings):
     join_timeout_s: float = Field(default=20.0, gt=0)
     replica_wait_timeout_s: float = Field(default=30.0, ge=0)
     send_timeout_s: float = Field(default=10.0, gt=0)
-    replica_user_name: str | None = Field(default=None, description="Daily user name of the replica; any remote participant when unset")
+    replica_user_name: str | None = Field(
+        default=None,
+        description="Daily user name of the replica; when unset, the participant that sends the replica's events "
+                    "(any remote participant until one has)")
+    secret_key: SecretStr | None = Field(default=None, description="Fernet key sealing meeting tokens in Redis")
 
     # Retries inside the sender
     retry_max_attempts: int = Field(default=8, ge=1)
@@ -82,12 +86,25 @@ class Settings(BaseSettings):
     # Tavus
     tavus_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("TAVUS_API_KEY", "ECHOQ_TAVUS_API_KEY"))
     tavus_base_url: str = "https://tavusapi.com/v2"
+    # How a persona's transport says "microphone enabled" is not settled publicly: this default is
+    # what a Tavus-authored pipecat change checks (layers.transport.input_settings.microphone).
+    tavus_microphone_layers: dict[str, Any] = Field(
+        default={"transport": {"input_settings": {"microphone": "enabled"}}},  # pydantic copies it per instance
+        description="Persona layers (JSON) that `echoq tavus persona create --microphone` merges in")
 
     @field_validator("default_sample_rate")
     @classmethod
     def _rate(cls, v: int) -> int:
         if v not in SAMPLE_RATES:
             raise ValueError(f"must be 16000 or 24000, not {v}")
+        return v
+
+    @field_validator("mic_frame_ms")
+    @classmethod
+    def _whole_10ms(cls, v: int) -> int:
+        # Daily's audio source pads any other length with silence: holes in the track.
+        if v % 10:
+            raise ValueError(f"must be a multiple of 10 ms (Daily pads other lengths with silence), not {v}")
         return v
 
     @field_validator("log_level")

@@ -127,6 +127,14 @@ if state == 'spoken' or state == 'interrupted' then return '' end
 return state or ''
 """
 
+# KEYS: utterance ; ARGV: now — an utterance sent whole but not yet heard to the end is cut by an
+# interrupt: sent -> interrupted (1); any other state is left alone (0)
+_CUT_PLAYING = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'sent' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'interrupted', 'replica_outcome', 'interrupted', 'finished_at', ARGV[1])
+return 1
+"""
+
 # KEYS: lease, conversation ; ARGV: token, epoch-or-"", ttl ms
 _RENEW = _LEASE_HELD + """
 if lease_held(ARGV[1], ARGV[2], ARGV[3]) then return 1 end
@@ -183,6 +191,7 @@ class Store:
         self._mark_sent = client.register_script(_MARK_SENT)
         self._mark_spoken = client.register_script(_MARK_SPOKEN)
         self._release = client.register_script(_RELEASE)
+        self._cut_playing = client.register_script(_CUT_PLAYING)
 
     # conversations -------------------------------------------------------------------------
 
@@ -324,6 +333,11 @@ class Store:
         or ``""`` when it already was spoken or interrupted (so the caller counts each outcome once)."""
         return text(self._mark_spoken(keys=[keys.utterance(utterance_id)],
                                       args=[outcome, f"{time.time():.6f}", "" if duration is None else duration]))
+
+    def cut_playing(self, utterance_id: str) -> bool:
+        """An interrupt came while the replica was still speaking this sent utterance:
+        ``sent`` -> ``interrupted``. False when it was in any other state."""
+        return bool(self._cut_playing(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}"]))
 
     def update_utterance(self, utterance_id: str, **fields: Any) -> None:
         self.r.hset(keys.utterance(utterance_id), mapping={k: str(v) for k, v in fields.items() if v is not None})

@@ -111,6 +111,7 @@ def _on_shutdown(**_: Any) -> None:
     try:
         from .transports import daily
 
-        daily.shutdown_all()
+        # A join still pending is abandoned at once; its client's release waits at most this long.
+        daily.shutdown_all(get_settings().join_timeout_s)
     except ImportError:
         pass

@@ -58,8 +58,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_open(args: argparse.Namespace) -> int:
-    conv = _client().open(args.conversation_id, args.url, mode=args.mode)
-    _print(args, conv, f"opened {args.conversation_id} ({conv.get('mode')}) -> {conv.get('url')}")
+    conv = _client().open(args.conversation_id, args.url, mode=args.mode, tavus_conversation_id=args.tavus_id)
+    wire = f", Tavus id {conv['wire_id']}" if conv.get("wire_id") not in (None, args.conversation_id) else ""
+    _print(args, conv, f"opened {args.conversation_id} ({conv.get('mode')}{wire}) -> {conv.get('url')}")
     if conv.get("waiting"):
         print(f"echoq open: warning: {args.conversation_id} waits for a worker: {conv['waiting']}", file=sys.stderr)
     return EXIT_OK
@@ -176,9 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "open", cmd_open, "open a conversation so a worker joins its room")
     p.add_argument("conversation_id")
-    p.add_argument("--url", required=True, help="conversation_url (https://…daily.co/…) or loopback://NAME")
+    p.add_argument("--url", required=True, help="conversation_url (https://…daily.co/…) or loopback://NAME; "
+                   "a private room's meeting token may ride as ?t=TOKEN (it is sealed, never shown)")
     p.add_argument("--mode", choices=("echo", "microphone"), default="echo",
                    help="echo: app messages (default); microphone: audio as a microphone track")
+    p.add_argument("--tavus-id", help="Tavus's conversation_id, sent on the wire (default: the last segment of "
+                   "an https URL's path; it must agree with it)")
 
     p = _add(sub, "close", cmd_close, "close a conversation: send what is queued, then leave")
     p.add_argument("conversation_id")

@@ -1,8 +1,9 @@
 """``echoq tavus``: echo personas and conversations on Tavus, from the command line.
 
-    echoq tavus persona create NAME [--system-prompt ...] [--default-replica-id ...]
+    echoq tavus persona create NAME [--system-prompt ...] [--default-replica-id ...] [--microphone]
     echoq tavus persona list | get PERSONA_ID
     echoq tavus conversation create --persona-id ID [--replica-id ...] [--name ...] [--callback-url ...]
+                                    [--private] [--test-mode] [--audio-only] [--greeting ...] [--context ...]
     echoq tavus conversation get | end | delete CONVERSATION_ID
 
 The key comes from ``TAVUS_API_KEY``, the base URL from ``ECHOQ_TAVUS_BASE_URL``. Output is one
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from worker.errors import PermanentError, RetryableError
+from worker.errors import ConfigError, PermanentError, RetryableError
 from worker.settings import get_settings
 
 from ..tavus import TavusClient, TavusConfigError, TavusError
@@ -53,6 +54,9 @@ def cmd_persona_create(args: argparse.Namespace) -> int:
         extra["context"] = args.context
     if args.default_replica_id is not None:
         extra["default_replica_id"] = args.default_replica_id
+    if args.microphone:
+        # The transport settings microphone echo needs: a setting, since Tavus does not document them.
+        extra["layers"] = get_settings().tavus_microphone_layers
     with _client(args) as client:
         persona = client.create_persona(args.name, system_prompt=args.system_prompt, **extra)
     _emit(args, persona, _fields(persona, first=("persona_id", "persona_name")))
@@ -103,9 +107,19 @@ def cmd_conversation_create(args: argparse.Namespace) -> int:
             conversation_name=args.name,
             callback_url=args.callback_url,
             properties=properties or None,
+            **_create_options(args),
         )
+    # A private room's meeting token is a secret: never printed (open it with `echoq start --private`).
+    conv.pop("meeting_token", None)
     _emit(args, conv, _fields(conv, first=("conversation_id", "status", "conversation_url")))
     return EXIT_OK
+
+
+def _create_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The create options shared by ``conversation create`` and ``start``."""
+    return {"require_auth": True if args.private else None, "test_mode": True if args.test_mode else None,
+            "audio_only": True if args.audio_only else None, "custom_greeting": args.greeting,
+            "conversational_context": args.conversation_context}
 
 
 def cmd_conversation_get(args: argparse.Namespace) -> int:
@@ -138,26 +152,43 @@ def cmd_conversation_delete(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Create a conversation on Tavus from an echo persona, open it in echoq, print its room URL."""
+    from worker import sealing
     from worker.errors import EchoqError
 
     from ..client import EchoqClient
 
+    echoq = EchoqClient()
+    if args.private:
+        # refuse before creating anything: the token could not be kept without the key
+        sealing.seal("check", echoq.settings.secret_key)
     with _client(args) as client:
-        conv = client.create_conversation(args.persona, replica_id=args.replica_id, conversation_name=args.name)
+        conv = client.create_conversation(args.persona, replica_id=args.replica_id, conversation_name=args.name,
+                                          **_create_options(args))
     cid, url = str(conv["conversation_id"]), str(conv["conversation_url"])
+    token = conv.pop("meeting_token", None)
     try:
-        EchoqClient().open(cid, url, mode=args.mode)
+        echoq.open(cid, url, mode=args.mode, meeting_token=str(token) if token else None)
     except EchoqError as exc:
         # the conversation exists on Tavus now: say how to finish by hand rather than lose it
+        how = " with its meeting token (?t=…)" if token else ""
         print(f"echoq start: conversation {cid} was created on Tavus ({url}) but not opened in echoq: {exc}\n"
-              f"open it later with: echoq open {cid} --url {url}", file=sys.stderr)
+              f"open it later{how} with: echoq open {cid} --url {url}", file=sys.stderr)
         return EXIT_UNAVAILABLE if isinstance(exc, RetryableError) else EXIT_FAILED
-    _emit(args, {"conversation_id": cid, "conversation_url": url, "mode": args.mode, "status": conv.get("status")},
-          url)
+    _emit(args, {"conversation_id": cid, "conversation_url": url, "mode": args.mode, "status": conv.get("status"),
+                 "private": bool(token)}, url)
     if not args.json:
         print(f"conversation {cid} is open in echoq ({args.mode}); join the room above, then for example:\n"
               f"  echoq say {cid} \"Hello there!\"", file=sys.stderr)
     return EXIT_OK
+
+
+def _add_create_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--private", action="store_true",
+                   help="require_auth: a private room joined with a meeting token (never printed)")
+    p.add_argument("--test-mode", action="store_true", help="test_mode: no replica joins, nothing is billed")
+    p.add_argument("--audio-only", action="store_true", help="audio_only: no video")
+    p.add_argument("--greeting", help="custom_greeting: what the replica says first")
+    p.add_argument("--conversation-context", help="conversational_context")
 
 
 def _client(args: argparse.Namespace) -> TavusClient:
@@ -195,7 +226,7 @@ def _guarded(func: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except TavusConfigError as exc:
+        except (TavusConfigError, ConfigError) as exc:  # no key, or no ECHOQ_SECRET_KEY for --private
             return _usage(str(exc))
         except RetryableError as exc:
             print(f"echoq tavus: {exc}", file=sys.stderr)
@@ -273,6 +304,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--replica-id", help="the replica (default: the persona's default replica)")
     p.add_argument("--name", help="conversation_name")
     p.add_argument("--mode", choices=("echo", "microphone"), default="echo", help="echo (default) or microphone")
+    _add_create_options(p)
     tavus = subparsers.add_parser(
         "tavus",
         help="manage Tavus echo personas and conversations (REST API)",
@@ -293,6 +325,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--system-prompt", help="system prompt (unused by echo mode, kept on the persona)")
     p.add_argument("--context", help="context text stored on the persona")
     p.add_argument("--default-replica-id", help="replica used when a conversation names none")
+    p.add_argument("--microphone", action="store_true",
+                   help="with the transport layers microphone echo needs (ECHOQ_TAVUS_MICROPHONE_LAYERS)")
 
     p = _command(psub, "list", cmd_persona_list, "list personas: id, pipeline mode, name", common)
     p.add_argument("--limit", type=_not_negative, help="personas per page")
@@ -347,6 +381,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="JSON",
         help="more properties as a JSON object (the options above win over its keys)",
     )
+    _add_create_options(p)
 
     for name, func, help_ in (
         ("get", cmd_conversation_get, "show one conversation: status, room URL, ..."),

@@ -1,18 +1,40 @@
-"""An in-memory stand-in for the ``daily`` package, behaving as PROTOCOL.md says daily-python does.
+"""An in-memory stand-in for the ``daily`` package, built from what daily-python 0.36 was seen doing.
 
-One :class:`FakeDaily` is one "process" worth of SDK: pass it as ``daily_module``. Like the real
-SDK, every call returns at once and its completion, like every event, runs later on one separate
-SDK thread, in call order. Where the real SDK aborts the process (a second ``Daily.init()``, a
-``CallClient`` before ``init``, ``deinit()`` with a live client) the double raises a
-:class:`FakeDailyAbort` subclass instead, so a test can prove the code never does it. A client
-call made from the SDK thread (from inside a callback) is recorded in ``violations`` and refused,
-because with the real SDK it can deadlock.
+Every behaviour below was observed with the real module (``scripts/probe_daily.py`` prints it;
+``tests/doubles/daily_shapes.json`` holds what it printed and ``tests/unit/test_fake_daily.py``
+runs the same probe against this double and compares):
 
-Calls on one client run in order: a ``leave`` made while a slow join is pending takes effect
-after it, and ``release`` blocks until it is over, as observed with daily-python offline.
+- Every call returns at once; its completion, like every event, runs later on one SDK thread,
+  in call order. Calls on one client run in order: a ``leave`` made while a join is pending
+  takes effect after it, and ``release`` blocks until it is over.
+- ``on_error(message)`` fires for single failed requests, not only for a lost call: a send
+  before join completes with ``'AppMessage(Signalling(ChannelNotOpen))'`` and then fires
+  ``on_error('Error handling sendAppMessage: …')``; a failing send while joined does the same.
+- A failed join fires ``on_error(<room lookup message>)`` -> state ``leaving`` -> ``left`` ->
+  completion ``(None, <error>)`` -> ``on_error('Error handling join: <error>')``, with no
+  ``joining``. ``leave()`` afterwards (or before any join) fires ``leaving``, completes with
+  ``(None,)``, then fires ``left``.
+- After ``release()``, a second ``release()`` or any other call raises
+  ``RuntimeError('this object has already been released')``.
+- ``send_app_message(message, participant_id=None, completion=None)``: no ``serialize_none``.
+- ``Daily.create_microphone_device`` accepts a duplicate name; its ``write_frames`` does not
+  block and writes nothing (returns 0) unless the device is live in a call.
+- ``CustomAudioSource(sample_rate, channels, auto_silence=True).write_frames(frames)`` blocks for
+  as long as the audio lasts (padded up to a whole 10 ms) and returns the frames written, also
+  before the track is published; ``CustomAudioTrack(source).id`` is a uuid;
+  ``add_custom_audio_track(name, track, ignore_audio_level=None, completion=None)`` completes
+  with ``None``.
 
-Test controls: ``join_delay_s``, ``join_gate`` and ``join_error`` (a slow failing join), ``send_errors`` (one
-error string or None per send, in order), ``hold_sends`` (completions never come),
+Where the real SDK aborts the process (a second ``Daily.init()``, a ``CallClient`` before
+``init``, ``deinit()`` with a live client) the double raises a :class:`FakeDailyAbort` subclass
+instead, so a test can prove the code never does it. A client call made from the SDK thread
+(from inside a callback) is recorded in ``violations`` and refused: with the real SDK it can
+deadlock.
+
+Test controls: ``join_delay_s``, ``join_gate`` and ``join_error`` (a slow or failing join),
+``send_errors`` (one error string or None per send, in order), ``hold_sends`` (completions never
+come), ``audio_speed`` (how much faster than real time custom audio sources play),
+``short_writes`` (frame counts a custom source returns instead of the full count),
 :meth:`FakeDaily.add_participant` / :meth:`FakeDaily.remove_participant`,
 :meth:`FakeDaily.app_message_from`, :meth:`FakeDaily.drop_connection`, :meth:`FakeDaily.drain`.
 """
@@ -20,14 +42,25 @@ error string or None per send, in order), ``hold_sends`` (completions never come
 from __future__ import annotations
 
 import itertools
+import math
 import queue
 import threading
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 CHANNEL_NOT_OPEN = "AppMessage(Signalling(ChannelNotOpen))"
+#: The SDK's own words for a request that failed: ``on_error`` gets them for every failed send or join.
+SEND_ERROR_PREFIX = "Error handling sendAppMessage: "
+JOIN_ERROR_PREFIX = "Error handling join: "
+#: ``on_error`` first fired by a join whose room lookup fails (offline).
+ROOM_LOOKUP_FAILED = "Failed to fetch room information: GET failed: client error (Connect)"
+#: The completion error of that join (daily-python 0.36 offline, address details cut).
+OFFLINE_JOIN_ERROR = "Connection(Api(RoomLookup(RoomInfoFetchFailed(Get(hyper_util::client::legacy::Error(Connect, ...))))))"
+RELEASED = "this object has already been released"
 
 
 class FakeDailyAbort(RuntimeError):
@@ -51,12 +84,13 @@ class ReentrantCall(RuntimeError):
 
 
 class EventHandler:
-    """Base class of event handlers; every event is a no-op unless overridden."""
+    """Base class of event handlers; every event is a no-op unless overridden (0.36 names)."""
 
     def on_app_message(self, message: Any, sender: str) -> None: ...
     def on_call_state_updated(self, state: str) -> None: ...
     def on_error(self, message: str) -> None: ...
     def on_network_connection_status_updated(self, status: Mapping[str, Any]) -> None: ...
+    def on_network_stats_updated(self, stats: Mapping[str, Any]) -> None: ...
     def on_participant_joined(self, participant: Mapping[str, Any]) -> None: ...
     def on_participant_left(self, participant: Mapping[str, Any], reason: str) -> None: ...
     def on_participant_updated(self, participant: Mapping[str, Any]) -> None: ...
@@ -95,17 +129,52 @@ class _SdkThread:
 
 @dataclass
 class FakeMicrophone:
-    """A virtual microphone; ``frames`` holds every buffer written to it."""
+    """A virtual microphone device: never live in a call here, so it writes nothing."""
 
     name: str
     sample_rate: int
     channels: int
     non_blocking: bool
-    frames: list[bytes] = field(default_factory=list)
+    calls: int = 0
 
     def write_frames(self, frame: bytes, completion: Callable[[int], None] | None = None) -> int:
-        self.frames.append(bytes(frame))
-        return len(frame) // (2 * self.channels)
+        self.calls += 1
+        return 0
+
+
+@dataclass
+class FakeAudioSource:
+    """``CustomAudioSource``: blocking writes paced at real time (``audio_speed`` faster)."""
+
+    fake: FakeDaily
+    sample_rate: int
+    channels: int
+    auto_silence: bool = True
+    written: list[bytes] = field(default_factory=list)
+
+    def write_frames(self, frame: bytes, completion: Callable[[int], None] | None = None) -> int:
+        frames = len(frame) // (2 * self.channels)
+        with self.fake.lock:
+            short = self.fake.short_writes.popleft() if self.fake.short_writes else None
+        if short is not None:
+            frames = min(frames, short)
+        data = bytes(frame[: frames * 2 * self.channels])
+        self.written.append(data)
+        # The SDK pads a write up to a whole 10 ms and takes as long as that lasts.
+        seconds = math.ceil(frames * 100 / self.sample_rate) / 100
+        if self.fake.audio_speed > 0:
+            time.sleep(seconds / self.fake.audio_speed)
+        if completion is not None:
+            self.fake._sdk.post(lambda: completion(frames))
+        return frames
+
+
+class FakeAudioTrack:
+    """``CustomAudioTrack``: an id and the source it plays."""
+
+    def __init__(self, source: FakeAudioSource) -> None:
+        self.source = source
+        self.id = str(uuid.uuid4())
 
 
 class _Daily:
@@ -135,12 +204,10 @@ class _Daily:
     ) -> FakeMicrophone:
         fake = self._fake
         with fake.lock:
-            if not fake.initialised:
+            if not fake.initialised:  # the real SDK segfaults
                 raise NotInitialised("create_microphone_device before Daily.init()")
-            if device_name in fake.microphones:
-                raise ValueError(f"a device named {device_name!r} exists")
             mic = FakeMicrophone(device_name, sample_rate, channels, non_blocking)
-            fake.microphones[device_name] = mic
+            fake.microphones.append(mic)  # a duplicate name is accepted, as by the SDK
             return mic
 
 
@@ -153,24 +220,26 @@ class FakeCallClient:
         self.state = "initialized"
         self.released = False
         self.local_id = f"local-{next(fake._ids)}"
+        self.user_name: str | None = None
         self.join_args: dict[str, Any] = {}
         self.sent: list[Any] = []
         self.completion_threads: list[str] = []
         self.inputs_updates: list[Mapping[str, Any]] = []
         self.publishing_updates: list[Mapping[str, Any]] = []
+        self.custom_tracks: dict[str, FakeAudioTrack] = {}
         self.leave_calls = 0
         self._join_done = threading.Event()
         self._join_done.set()
-        self._deferred_leave: tuple[Callable[[str | None], None] | None] | None = None
+        self._deferred_leave: tuple[Callable[..., None] | None] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
     def _guard(self, name: str) -> None:
+        if self.released:
+            raise RuntimeError(RELEASED)
         if threading.current_thread() is self._fake._sdk.thread:
             self._fake.violations.append(name)
             raise ReentrantCall(f"CallClient.{name} called from the SDK thread")
-        if self.released and name != "release":
-            raise RuntimeError(f"CallClient.{name} after release")
 
     def _complete(self, completion: Callable[..., None] | None, *args: Any) -> None:
         if completion is None:
@@ -187,7 +256,7 @@ class FakeCallClient:
 
     def _event(self, name: str, *args: Any) -> None:
         def run() -> None:
-            if not self.released:
+            if not self.released and self.handler is not None:
                 getattr(self.handler, name)(*args)
 
         self._fake._sdk.post(run)
@@ -197,6 +266,10 @@ class FakeCallClient:
         self._event("on_call_state_updated", state)
 
     # -- the CallClient API used by echoq -------------------------------------------------------
+
+    def set_user_name(self, user_name: str) -> None:
+        self._guard("set_user_name")
+        self.user_name = user_name
 
     def join(
         self,
@@ -213,7 +286,6 @@ class FakeCallClient:
             "client_settings": client_settings,
         }
         self._join_done.clear()
-        self._set_state("joining")
         if fake.join_delay_s > 0 or not fake.join_gate.is_set():
             # A slow join: it finishes on another thread once the gate is open and the delay
             # has passed; until then this client's later calls wait behind it.
@@ -230,9 +302,15 @@ class FakeCallClient:
     def _finish_join(self, completion: Callable[..., None] | None, error: str | None) -> None:
         fake = self._fake
         if error:
+            # The observed order: no "joining", the room lookup error, leaving, left, the
+            # completion, then on_error for the join request itself.
+            self._event("on_error", ROOM_LOOKUP_FAILED)
+            self._set_state("leaving")
             self._set_state("left")
             self._complete(completion, None, error)
+            self._event("on_error", JOIN_ERROR_PREFIX + error)
         else:
+            self._set_state("joining")
             with fake.lock:
                 self.state = "joined"
                 fake.joined_clients.append(self)
@@ -247,9 +325,9 @@ class FakeCallClient:
             self._do_leave(deferred[0])
 
     def _local_info(self) -> dict[str, Any]:
-        return {"id": self.local_id, "info": {"isLocal": True, "userName": "echoq"}}
+        return {"id": self.local_id, "info": {"isLocal": True, "userName": self.user_name or ""}}
 
-    def leave(self, completion: Callable[[str | None], None] | None = None) -> None:
+    def leave(self, completion: Callable[..., None] | None = None) -> None:
         self._guard("leave")
         self.leave_calls += 1
         with self._fake.lock:
@@ -259,14 +337,13 @@ class FakeCallClient:
                 return
         self._do_leave(completion)
 
-    def _do_leave(self, completion: Callable[[str | None], None] | None) -> None:
+    def _do_leave(self, completion: Callable[..., None] | None) -> None:
         with self._fake.lock:
             if self in self._fake.joined_clients:
                 self._fake.joined_clients.remove(self)
-        was = self.state
         self._set_state("leaving")
+        self._complete(completion, None)  # one argument: ``(None,)``, joined or not
         self._set_state("left")
-        self._complete(completion, None if was in ("joined", "joining") else "not joined")
 
     def release(self) -> None:
         self._guard("release")
@@ -287,22 +364,25 @@ class FakeCallClient:
         self,
         message: Any,
         participant_id: str | None = None,
-        serialize_none: bool = True,
         completion: Callable[[str | None], None] | None = None,
     ) -> None:
         self._guard("send_app_message")
         fake = self._fake
         if self.state != "joined":
-            self._complete(completion, CHANNEL_NOT_OPEN)
+            error: str | None = CHANNEL_NOT_OPEN
+            hold = False
+        else:
+            with fake.lock:
+                error = fake.send_errors.popleft() if fake.send_errors else None
+                hold = fake.hold_sends
+            if error is None:
+                self.sent.append(message)
+                fake.sent.append(message)
+        if hold:
             return
-        with fake.lock:
-            error = fake.send_errors.popleft() if fake.send_errors else None
-            hold = fake.hold_sends
-        if error is None:
-            self.sent.append(message)
-            fake.sent.append(message)
-        if not hold:
-            self._complete(completion, error)
+        self._complete(completion, error)
+        if error:
+            self._event("on_error", SEND_ERROR_PREFIX + error)
 
     def update_inputs(
         self, input_settings: Mapping[str, Any], completion: Callable[[str | None], None] | None = None
@@ -318,9 +398,28 @@ class FakeCallClient:
         self.publishing_updates.append(publishing_settings)
         self._complete(completion, None)
 
+    def add_custom_audio_track(
+        self,
+        track_name: str,
+        audio_track: FakeAudioTrack,
+        ignore_audio_level: bool | None = None,
+        completion: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._guard("add_custom_audio_track")
+        self.custom_tracks[track_name] = audio_track
+        self._complete(completion, None)
+
+    def remove_custom_audio_track(
+        self, track_name: str, completion: Callable[[str | None], None] | None = None
+    ) -> None:
+        self._guard("remove_custom_audio_track")
+        self.custom_tracks.pop(track_name, None)
+        self._complete(completion, None)
+
 
 class FakeDaily:
-    """One process's worth of fake ``daily``: ``Daily``, ``CallClient``, ``EventHandler``."""
+    """One process's worth of fake ``daily``: ``Daily``, ``CallClient``, ``EventHandler``,
+    ``CustomAudioSource`` and ``CustomAudioTrack``."""
 
     EventHandler = EventHandler
 
@@ -338,7 +437,8 @@ class FakeDaily:
         self.joined_clients: list[FakeCallClient] = []
         self.room: dict[str, dict[str, Any]] = {}
         self.sent: list[Any] = []
-        self.microphones: dict[str, FakeMicrophone] = {}
+        self.microphones: list[FakeMicrophone] = []
+        self.sources: list[FakeAudioSource] = []
         self.violations: list[str] = []
         self.dropped_after_release = 0
         # Knobs
@@ -348,6 +448,8 @@ class FakeDaily:
         self.join_error: str | None = None
         self.send_errors: deque[str | None] = deque()
         self.hold_sends = False
+        self.audio_speed = 1.0  # 0: custom audio writes return at once
+        self.short_writes: deque[int] = deque()
 
     @property
     def sdk_thread_name(self) -> str:
@@ -365,6 +467,15 @@ class FakeDaily:
             client = FakeCallClient(self, event_handler)
             self.clients.append(client)
             return client
+
+    def CustomAudioSource(self, sample_rate: int, channels: int, auto_silence: bool = True) -> FakeAudioSource:  # noqa: N802
+        source = FakeAudioSource(self, sample_rate, channels, auto_silence)
+        with self.lock:
+            self.sources.append(source)
+        return source
+
+    def CustomAudioTrack(self, audio_source: FakeAudioSource) -> FakeAudioTrack:  # noqa: N802
+        return FakeAudioTrack(audio_source)
 
     # -- test controls ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from producer.tavus import (
     TavusAuthError,
     TavusClient,
+    TavusConcurrencyLimit,
     TavusConfigError,
     TavusError,
     TavusHTTPError,
@@ -596,3 +597,46 @@ def test_one_log_line_per_attempt_without_bodies(
     assert "status=200" in lines[1] and "attempt=2" in lines[1]
     assert "private prompt" not in tavus_log.text
     assert "Narrator" not in tavus_log.text
+
+
+# -- concurrency limit and create options ----------------------------------------------------------
+
+
+def test_the_concurrency_limit_on_create_is_waited_out(
+    client: TavusClient, fake_tavus: FakeTavus, sleeps: Sleeps
+) -> None:
+    persona = fake_tavus.add_persona(default_replica_id="r1")
+    fake_tavus.concurrency_limit(times=2)
+    conv = client.create_conversation(persona["persona_id"])
+    assert conv["status"] == "active"
+    assert len(fake_tavus.requests("POST", "/v2/conversations")) == 3
+    assert len(sleeps.calls) == 2 and all(s > 0 for s in sleeps.calls)  # backed off before each retry
+
+
+def test_a_concurrency_limit_that_persists_is_its_own_retryable_error(fake_tavus: FakeTavus, sleeps: Sleeps) -> None:
+    client = TavusClient(fake_tavus.api_key, fake_tavus.url, max_retries=2, sleep=sleeps)
+    persona = fake_tavus.add_persona(default_replica_id="r1")
+    fake_tavus.concurrency_limit(times=10)
+    with pytest.raises(TavusConcurrencyLimit, match="maximum concurrent conversations") as info:
+        client.create_conversation(persona["persona_id"])
+    assert isinstance(info.value, RetryableError) and not isinstance(info.value, PermanentError)
+    assert info.value.status == 400
+    assert len(fake_tavus.requests("POST", "/v2/conversations")) == 3
+    assert fake_tavus.state.conversations == {}
+
+
+def test_any_other_400_is_still_refused_at_once(client: TavusClient, fake_tavus: FakeTavus, sleeps: Sleeps) -> None:
+    fake_tavus.reject(400, "Invalid persona_id")
+    with pytest.raises(TavusRejected):
+        client.create_conversation("p-none")
+    assert sleeps.calls == []
+
+
+def test_create_options_are_sent_as_tavus_names_them(client: TavusClient, fake_tavus: FakeTavus) -> None:
+    persona = fake_tavus.add_persona(default_replica_id="r1")
+    conv = client.create_conversation(persona["persona_id"], require_auth=True, test_mode=True, audio_only=True,
+                                      custom_greeting="Hi!", conversational_context="A demo.")
+    (request,) = fake_tavus.requests("POST", "/v2/conversations")
+    assert request.body == {"persona_id": persona["persona_id"], "require_auth": True, "test_mode": True,
+                            "audio_only": True, "custom_greeting": "Hi!", "conversational_context": "A demo."}
+    assert conv["meeting_token"].startswith("mtk-")  # a private room's token comes back

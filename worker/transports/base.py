@@ -14,6 +14,10 @@ from typing import Any
 
 EventHandler = Callable[[dict[str, Any]], None]
 
+#: Events a transport adds to the room's own: the replica left the room, or (re)joined it.
+REPLICA_LEFT = "echoq.replica.left"
+REPLICA_JOINED = "echoq.replica.joined"
+
 
 class Transport(abc.ABC):
     """A connection to one conversation's room."""
