@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_audio_seconds: float = Field(default=600.0, gt=0)
     fetch_timeout_s: float = Field(default=20.0, gt=0)
 
+    # Streams (utterances whose audio arrives in pieces)
+    stream_idle_s: float = Field(default=10.0, gt=0, description="A stream with no new piece this long is ended")
+    stream_end_ms: int = Field(default=40, ge=0, le=1000,
+                               description="Silence in the done message of a stream finished without a last piece; "
+                                           "0 sends an empty audio message")
+
     # Operations
     log_json: bool = False
     log_level: str = "INFO"
