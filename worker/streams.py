@@ -53,13 +53,13 @@ DECODE_POLL_MS = 20
 # KEYS: utterance, stream, conversation
 # ARGV: piece, finish ('1' or ''), rate ('' or the piece's stated rate), byte limit, ttl, reason when over
 # {1, pieces, bytes} | {-1} not a stream | {-2} finished | {-3} interrupted | {-4} failed
-# | {-5, rate} another rate | {-6} over the limit (cut now or before) | {-7} ended idle
+# | {-5, rate} another rate | {-6} over the limit: cut now | {-7} ended idle | {-8} cut before
 _APPEND = """
 local rec = redis.call('HMGET', KEYS[1], 'kind', 'state', 'stream_state', 'seq', 'source_rate', 'bytes_in')
 if rec[1] ~= 'stream' then return {-1} end
 if rec[3] == 'finished' then return {-2} end
 if rec[3] == 'idle' then return {-7} end
-if rec[3] == 'cut' then return {-6} end
+if rec[3] == 'cut' then return {-8} end
 if rec[2] == 'interrupted' or rec[2] == 'cancelled' then return {-3} end
 if rec[2] == 'failed' then return {-4} end
 local upto = tonumber(redis.call('HGET', KEYS[3], 'interrupt_upto') or '0')
@@ -104,7 +104,7 @@ _REFUSED = {
     -2: "stream {uid!r} is finished: it takes no more pieces",
     -3: "stream {uid!r} was interrupted: it takes no more pieces",
     -4: "stream {uid!r} failed: it takes no more pieces",
-    -6: "stream {uid!r} was cut: it went over the limits",
+    -8: "stream {uid!r} was cut: it went over the limits",
     -7: "stream {uid!r} was ended after {idle:g} s without a piece: it takes no more pieces",
 }
 

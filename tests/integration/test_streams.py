@@ -86,3 +86,166 @@ def test_real_time_20ms_pieces_are_reassembled_byte_exactly_under_one_inference_
     with wave.open(str(wav_path)) as w:
         assert w.getframerate() == RATE
         assert w.readframes(w.getnframes()) == pcm
+
+
+def test_an_interrupt_cuts_a_stream_nothing_follows_it_and_later_appends_are_refused(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    from producer.streams import StreamClosed
+
+    workers.start(1)
+    client.open("st-i", "loopback://st-room-i")
+    pieces = pieces_of(voice(2.0))
+    s = client.stream("st-i", sample_rate=RATE)
+    queued = client.say("st-i", "Queued behind the stream.")
+    write_in_real_time(s, pieces[:20])
+    wait_for(lambda: len(echoes_of(redis_client, "st-room-i", s.utterance_id)) >= 5, 20, what="the stream on the wire")
+    assert client.interrupt("st-i") == 1  # the text queued behind it
+    with pytest.raises(StreamClosed, match="interrupted"):
+        s.write(pieces[20])
+    with pytest.raises(StreamClosed, match="interrupted"):
+        s.finish()
+    wait_for(lambda: client.status(s.utterance_id)["state"] == "interrupted", 20, what="the stream to be interrupted")
+    fresh = client.say("st-i", "A fresh start.")
+    assert client.wait(fresh, timeout=20)["state"] in ("sent", "spoken")
+
+    messages = wire(redis_client, "st-room-i")
+    cut_at = next(i for i, m in enumerate(messages) if m["event_type"] == "conversation.interrupt")
+    assert [m["properties"]["inference_id"] for m in messages[cut_at + 1 :]] == [fresh]
+    mine = by_utterance(messages)[s.utterance_id]
+    assert not any(m["properties"]["done"] for m in mine)
+    assert pcm_of(mine) == pieces[: len(mine)]  # in order, nothing lost before the cut
+    assert client.status(queued)["state"] == "cancelled"
+    assert heard_everything(simulator, redis_client, "st-room-i")["violations"] == []
+
+
+def test_kill_9_of_the_owner_mid_stream_the_next_owner_continues_under_the_same_inference_id(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(2)
+    client.open("st-k", "loopback://st-room-k")
+    pcm = voice(4.0, freq=250)
+    pieces = pieces_of(pcm)
+    killed: list[Any] = []
+
+    def kill_the_owner_at(i: int) -> None:
+        if i == 60:  # 1.2 s in: the producer goes on appending while nobody owns the room
+            victim = workers.owner("st-k")
+            assert victim is not None
+            victim.proc.kill()
+            victim.proc.wait(10)
+            killed.append(victim)
+
+    with client.stream("st-k", sample_rate=RATE) as s:
+        after = client.say("st-k", "After the stream.")
+        write_in_real_time(s, pieces, before=kill_the_owner_at)
+    rec = client.wait(s.utterance_id, timeout=60)
+    assert rec["state"] in ("sent", "spoken"), rec
+    assert client.wait(after, timeout=30)["state"] in ("sent", "spoken")
+    assert workers.owner("st-k") is not killed[0]
+
+    messages = wire(redis_client, "st-room-k")
+    assert utterance_order(messages) == [s.utterance_id, after]
+    mine = by_utterance(messages)[s.utterance_id]
+    got = pcm_of(mine)
+    tail = b"\0" * chunks.chunk_bytes(RATE, 40)  # finished without a last piece: 40 ms of silence carry done
+    assert got[-1] == tail
+    got = got[:-1]
+    # nothing lost, at most one chunk repeated (the one in flight when the owner died)
+    assert len(got) - len(pieces) in (0, 1)
+    if len(got) == len(pieces) + 1:
+        dup = next(i for i in range(1, len(got)) if got[i] == got[i - 1])
+        got = got[:dup] + got[dup + 1 :]
+    assert got == pieces
+    dones = [m["properties"]["done"] for m in mine]
+    assert dones.count(True) == 1 and dones[-1] is True
+
+
+def test_an_abandoned_stream_is_finished_after_the_idle_time_and_the_next_utterance_plays(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    from producer.streams import StreamClosed
+
+    workers.start(1, ECHOQ_STREAM_IDLE_S="1")
+    client.open("st-d", "loopback://st-room-d")
+    pieces = pieces_of(voice(0.2))
+    s = client.stream("st-d", sample_rate=RATE)
+    for piece in pieces:
+        s.write(piece)
+    nxt = client.say("st-d", "The conversation goes on.")  # the producer is gone; this waits for the idle time
+    assert client.wait(nxt, timeout=30)["state"] in ("sent", "spoken")
+    rec = client.status(s.utterance_id)
+    assert rec["stream_state"] == "idle" and rec["state"] in ("sent", "spoken"), rec
+    with pytest.raises(StreamClosed, match="without a piece"):
+        s.write(pieces[0])
+
+    messages = wire(redis_client, "st-room-d")
+    assert utterance_order(messages) == [s.utterance_id, nxt]
+    mine = by_utterance(messages)[s.utterance_id]
+    assert pcm_of(mine) == [*pieces, b"\0" * chunks.chunk_bytes(RATE, 40)]
+    assert [m["properties"]["done"] for m in mine].count(True) == 1 and mine[-1]["properties"]["done"] is True
+    events = [e["type"] for _id, e in client.events("st-d")]
+    assert events.count("stream.piece") == len(pieces)
+
+
+def test_bad_pieces_get_clear_errors_and_break_nothing(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    from producer.streams import StreamClosed, StreamCut
+    from worker.errors import InvalidInput, UnknownConversation
+
+    # 1 s streams at most: the limit is reached by a test in a moment
+    workers.start(1, ECHOQ_MAX_AUDIO_SECONDS="1")
+    client.settings.max_audio_seconds = 1.0
+    client.open("st-b", "loopback://st-room-b")
+    client.open("st-m", "loopback://st-room-m", mode="microphone")
+    with pytest.raises(UnknownConversation):
+        client.stream("nope", sample_rate=RATE)
+    with pytest.raises(InvalidInput, match="16000 or 24000"):
+        client.stream("st-b", sample_rate=44100)
+    with pytest.raises(InvalidInput, match="microphone"):
+        client.stream("st-m", sample_rate=RATE)
+    with pytest.raises(StreamClosed, match="no stream"):
+        client.append("never-opened", b"\0\0")
+
+    s = client.stream("st-b", sample_rate=RATE)
+    good = pieces_of(voice(0.6))
+    s.write(good[0])
+    with pytest.raises(InvalidInput, match="odd byte count"):
+        s.write(good[1][:-1])
+    with pytest.raises(InvalidInput, match="16000 Hz but stream .* is at 24000 Hz"):
+        s.write(good[1], rate=16000)
+    with pytest.raises(InvalidInput, match="empty"):
+        s.write(b"")
+    for piece in good[1:]:
+        s.write(piece, rate=RATE)
+    s.finish()
+    assert client.wait(s.utterance_id, timeout=20)["state"] in ("sent", "spoken")
+    with pytest.raises(StreamClosed, match="finished"):
+        s.write(good[0])
+    with pytest.raises(StreamClosed, match="finished"):
+        client.finish(s.utterance_id)
+    with pytest.raises(StreamClosed, match="not a stream"):
+        client.append(client.say("st-b", "Whole."), good[0])
+
+    # longer than the limit: refused, cut cleanly on the wire, and the conversation goes on
+    long = client.stream("st-b", sample_rate=RATE)
+    with pytest.raises(StreamCut, match="over the limit"):
+        for piece in pieces_of(voice(1.5)):
+            long.write(piece)
+    with pytest.raises(StreamClosed, match="cut"):
+        long.write(good[0])
+    rec = client.wait(long.utterance_id, timeout=20)
+    assert rec["state"] == "failed" and "limit" in rec["error"], rec
+    after = client.say("st-b", "Still here.")
+    assert client.wait(after, timeout=20)["state"] in ("sent", "spoken")
+
+    messages = wire(redis_client, "st-room-b")
+    mine = by_utterance(messages)[long.utterance_id]
+    cut_at = next(i for i, m in enumerate(messages) if m["event_type"] == "conversation.interrupt")
+    assert messages[cut_at - 1]["properties"]["inference_id"] == long.utterance_id
+    assert not any(m["properties"]["done"] for m in mine)
+    assert [m["properties"].get("inference_id") for m in messages[cut_at + 1 :]] == [after]
+    first = by_utterance(messages)[s.utterance_id]
+    assert pcm_of(first)[:-1] == good
+    assert heard_everything(simulator, redis_client, "st-room-b")["violations"] == []
