@@ -29,7 +29,8 @@ from worker.streams import RAW_FORMATS, Appended, StreamClosed, StreamCut, Strea
 if TYPE_CHECKING:
     from .client import EchoqClient
 
-__all__ = ["Stream", "Appended", "StreamClosed", "StreamCut", "open_stream", "append", "pipe", "quickstart_piece"]
+__all__ = ["Stream", "Appended", "StreamClosed", "StreamCut", "open_stream", "append", "pipe", "quickstart_piece",
+           "is_stream"]
 
 #: the largest piece one read of a pipe appends
 PIPE_PIECE_BYTES = 64 * 1024
@@ -211,6 +212,12 @@ def quickstart_piece(client: EchoqClient, conversation_id: str, pcm: bytes, rate
     if pcm or done:
         append(client, info, pcm, finish=done, rate=rate)
     return info.utterance_id
+
+
+def is_stream(client: EchoqClient, inference_id: str | None) -> bool:
+    """Whether ``inference_id`` names a stream (so a quickstart request with it belongs to that stream)."""
+    uid = client.store.utterance_for_inference(inference_id) if inference_id else None
+    return uid is not None and (client.store.utterance(uid) or {}).get("kind") == "stream"
 
 
 def _uid_for(inference_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import wave
 from typing import Any
@@ -11,8 +12,9 @@ import pytest
 import redis
 
 from tests.integration.conftest import Workers, heard_everything, wait_for, wire
+from tests.integration.test_api import Api, api, field_of, serve, sse_events  # noqa: F401  (fixtures)
 from tests.integration.test_delivery import by_utterance, pcm_of, utterance_order
-from worker import chunks
+from worker import chunks, keys
 
 pytestmark = pytest.mark.redis
 
@@ -249,3 +251,93 @@ def test_bad_pieces_get_clear_errors_and_break_nothing(
     first = by_utterance(messages)[s.utterance_id]
     assert pcm_of(first)[:-1] == good
     assert heard_everything(simulator, redis_client, "st-room-b")["violations"] == []
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+def test_the_quickstart_body_in_several_requests_is_spoken_as_one_utterance(
+    workers: Workers, simulator: Any, api: Api, redis_client: redis.Redis
+) -> None:
+    workers.start(1)
+    assert api.http.post("/v1/conversations", json={"conversation_id": "st-q", "url": "loopback://st-room-q"}).status_code == 201
+    pcm = voice(0.6)
+    parts = pieces_of(pcm, 4800)  # 100 ms per request
+    base = {"message_type": "conversation", "event_type": "conversation.echo", "conversation_id": "st-q"}
+    answers = []
+    for i, part in enumerate(parts):
+        done = "true" if i == len(parts) - 1 else "false"
+        props = {"modality": "audio", "audio": base64.b64encode(part).decode(), "sample_rate": RATE,
+                 "inference_id": "qs-stream-1", "done": done}
+        r = api.http.post("/send_text_message", json={**base, "properties": props})
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert {a["utterance_id"] for a in answers} == {answers[0]["utterance_id"]}
+    assert [a["state"] for a in answers] == ["streaming"] * (len(parts) - 1) + ["finished"]
+    api.wait_state(answers[0]["utterance_id"])
+
+    mine = by_utterance(wire(redis_client, "st-room-q"))["qs-stream-1"]
+    assert b"".join(pcm_of(mine)) == pcm  # the last request carried audio: its last chunk carries done
+    assert [m["properties"]["done"] for m in mine] == [False] * (len(mine) - 1) + [True]
+    report = heard_everything(simulator, redis_client, "st-room-q")
+    assert [u["inference_id"] for u in report["utterances"]] == ["qs-stream-1"] and report["violations"] == []
+
+    # a finished stream takes no more; text cannot stream; a stream needs its inference_id
+    props = {"modality": "audio", "audio": base64.b64encode(parts[0]).decode(), "sample_rate": RATE,
+             "inference_id": "qs-stream-1", "done": "false"}
+    r = api.http.post("/send_text_message", json={**base, "properties": props})
+    assert r.status_code == 409 and "finished" in r.json()["detail"], r.text
+    r = api.http.post("/send_text_message", json={**base, "properties": {**props, "inference_id": None}})
+    assert field_of(r) == ["body", "properties", "inference_id"]
+    r = api.http.post("/send_text_message", json={**base, "properties": {**props, "inference_id": "odd", "audio": base64.b64encode(b"\0" * 3).decode()}})
+    assert field_of(r) == ["body", "properties", "audio"] and "odd byte count" in r.text
+    r = api.http.post("/send_text_message", json={**base, "properties": {"modality": "text", "text": "Hi", "done": False}})
+    assert field_of(r) == ["body", "properties", "done"] and "Tavus" in r.text
+
+
+def test_the_streams_resource_appends_chunked_bodies_and_the_sse_stream_reports_each_piece(
+    workers: Workers, simulator: Any, api: Api, redis_client: redis.Redis
+) -> None:
+    workers.start(1)
+    assert api.http.post("/v1/conversations", json={"conversation_id": "st-r", "url": "loopback://st-room-r"}).status_code == 201
+    r = api.http.post("/v1/conversations/st-r/streams", json={"sample_rate": RATE, "inference_id": "rest-1"})
+    assert r.status_code == 201, r.text
+    uid = r.json()["utterance_id"]
+    pcm = voice(0.4)
+    pieces = pieces_of(pcm)
+
+    def body() -> Any:  # a chunked request body, produced while it is sent (7 bytes + ... splits frames)
+        yield pieces[0][:7]
+        yield pieces[0][7:]
+        for piece in pieces[1:-1]:
+            time.sleep(0.02)
+            yield piece
+
+    r = api.http.post(f"/v1/conversations/st-r/streams/{uid}/pieces", content=body(),
+                      headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == len(pcm) - len(pieces[-1]) and not r.json()["finished"]
+    r = api.http.post(f"/v1/conversations/st-r/streams/{uid}/finish", content=pieces[-1])
+    assert r.status_code == 200 and r.json()["finished"], r.text
+    api.wait_state(uid)
+    mine = by_utterance(wire(redis_client, "st-room-r"))["rest-1"]
+    assert b"".join(pcm_of(mine)) == pcm
+
+    # piece progress on the conversation's server-sent events
+    kept = redis_client.xlen(keys.conv_events("st-r"))
+    with api.http.stream("GET", "/v1/conversations/st-r/events", params={"limit": kept}) as resp:
+        events = [e for _id, e in sse_events(resp) if e["type"] in ("stream.piece", "utterance.sent")]
+    piece_events = [e for e in events if e["type"] == "stream.piece"]
+    assert [e["piece"] for e in piece_events] == list(range(1, len(piece_events) + 1))
+    assert piece_events and all(e["utterance_id"] == uid for e in piece_events)
+    assert piece_events[-1]["chunks_sent"] <= len(mine)
+
+    # refusals: unknown stream 404, finished 409, odd body 422, unknown conversation 404
+    assert api.http.post("/v1/conversations/st-r/streams/nope/pieces", content=b"\0\0").status_code == 404
+    r = api.http.post(f"/v1/conversations/st-r/streams/{uid}/pieces", content=b"\0\0")
+    assert r.status_code == 409 and "finished" in r.json()["detail"]
+    other = api.http.post("/v1/conversations/st-r/streams", json={}).json()["utterance_id"]
+    r = api.http.post(f"/v1/conversations/st-r/streams/{other}/pieces", content=b"\0\0\0")
+    assert r.status_code == 422 and "sample frame" in r.text
+    assert api.http.post("/v1/conversations/nobody/streams", json={}).status_code == 404
+    assert api.http.post(f"/v1/conversations/st-r/streams/{other}/finish").status_code == 200
