@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import Workers, heard_everything, wait_for, wire
-from tests.integration.test_api import Api, api, field_of, serve, sse_events  # noqa: F401  (fixtures)
+from tests.integration.test_api import Api, field_of, serve, sse_events  # noqa: F401  (serve is a fixture)
 from tests.integration.test_delivery import by_utterance, pcm_of, utterance_order
 from worker import chunks, keys
 
@@ -254,6 +254,11 @@ def test_bad_pieces_get_clear_errors_and_break_nothing(
 
 
 # --- HTTP --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(serve: Any) -> Api:
+    return serve()
 
 
 def test_the_quickstart_body_in_several_requests_is_spoken_as_one_utterance(
