@@ -257,7 +257,7 @@ def test_bad_pieces_get_clear_errors_and_break_nothing(
 
 
 @pytest.fixture
-def api(serve: Any) -> Api:
+def api(serve: Any) -> Api:  # noqa: F811  (the imported fixture, by name)
     return serve()
 
 
