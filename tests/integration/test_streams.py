@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 import time
 import wave
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
-from tests.integration.conftest import Workers, heard_everything, wait_for, wire
+from tests.conftest import TEST_REDIS_URL
+from tests.integration.conftest import ROOT, Workers, heard_everything, wait_for, wire
 from tests.integration.test_api import Api, field_of, serve, sse_events  # noqa: F401  (serve is a fixture)
 from tests.integration.test_delivery import by_utterance, pcm_of, utterance_order
 from worker import chunks, keys
@@ -346,3 +351,63 @@ def test_the_streams_resource_appends_chunked_bodies_and_the_sse_stream_reports_
     assert r.status_code == 422 and "sample frame" in r.text
     assert api.http.post("/v1/conversations/nobody/streams", json={}).status_code == 404
     assert api.http.post(f"/v1/conversations/st-r/streams/{other}/finish").status_code == 200
+
+
+# --- CLI and encoded pieces ----------------------------------------------------------------------
+
+
+def test_echoq_play_dash_streams_stdin_as_it_arrives(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(1)
+    client.open("st-c", "loopback://st-room-c")
+    pcm = voice(0.8)
+    pieces = pieces_of(pcm)
+    env = {**os.environ, "ECHOQ_REDIS_URL": TEST_REDIS_URL}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "play", "st-c", "-", "--raw-rate", "24000",
+                             "--inference-id", "cli-stream", "--wait", "--timeout", "30"],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    half = len(pieces) // 2
+    for piece in pieces[:half]:
+        proc.stdin.write(piece[:5])  # writes that split samples: the reader keeps whole frames
+        proc.stdin.write(piece[5:])
+        proc.stdin.flush()
+        time.sleep(0.02)
+    # the first half is on the wire while the pipe is still open
+    sent = b"".join(pieces[:half])
+    wait_for(lambda: b"".join(pcm_of(echoes_of(redis_client, "st-room-c", "cli-stream"))) == sent, 20,
+             what="the first half on the wire")
+    for piece in pieces[half:]:
+        proc.stdin.write(piece)
+    proc.stdin.close()
+    proc.wait(60)
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split()[1] in ("sent", "spoken")
+    mine = echoes_of(redis_client, "st-room-c", "cli-stream")
+    assert b"".join(pcm_of(mine)) == pcm + b"\0" * chunks.chunk_bytes(RATE, 40)
+
+
+def test_encoded_pieces_are_decoded_as_they_arrive(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    workers.start(1)
+    client.open("st-e", "loopback://st-room-e")
+    pcm = voice(0.5)
+    clip = tmp_path / "clip.wav"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(pcm)
+    data = clip.read_bytes()
+    with client.stream("st-e", sample_rate=RATE, format="auto", inference_id="enc-1") as s:
+        for i in range(0, len(data), 3000):  # cuts that fall anywhere, header included
+            s.write(data[i : i + 3000])
+    assert client.wait(s.utterance_id, timeout=30)["state"] in ("sent", "spoken")
+    mine = echoes_of(redis_client, "st-room-e", "enc-1")
+    got = b"".join(pcm_of(mine))
+    assert got[: len(pcm)] == pcm and set(got[len(pcm) :]) <= {0}
+    assert [m["properties"]["done"] for m in mine] == [False] * (len(mine) - 1) + [True]
