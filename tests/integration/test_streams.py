@@ -168,6 +168,30 @@ def test_kill_9_of_the_owner_mid_stream_the_next_owner_continues_under_the_same_
     assert dones.count(True) == 1 and dones[-1] is True
 
 
+def test_sigterm_of_the_owner_mid_stream_hands_it_over_with_nothing_lost_or_repeated(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(2)
+    client.open("st-t", "loopback://st-room-t")
+    pieces = pieces_of(voice(2.0, freq=280))
+    stopped: list[int] = []
+
+    def stop_the_owner_at(i: int) -> None:
+        if i == 40:
+            owner = workers.owner("st-t")
+            assert owner is not None
+            owner.proc.terminate()  # warm shutdown while the stream is open; the producer goes on
+            stopped.append(i)
+
+    with client.stream("st-t", sample_rate=RATE) as s:
+        write_in_real_time(s, pieces[:-1], before=stop_the_owner_at)
+        s.finish(pieces[-1])
+    assert stopped and client.wait(s.utterance_id, timeout=60)["state"] in ("sent", "spoken")
+    old = next(w for w in workers.started if w.proc.poll() is not None)
+    assert old.proc.wait(30) == 0 and "worker stopping" in old.log()
+    assert pcm_of(echoes_of(redis_client, "st-room-t", s.utterance_id)) == pieces  # each piece exactly once
+
+
 def test_an_abandoned_stream_is_finished_after_the_idle_time_and_the_next_utterance_plays(
     workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
 ) -> None:
