@@ -187,11 +187,13 @@ def converter_for(entry: dict[str, Any], block: int) -> Pieces:
 
 
 def chunks_of(streams: StreamStore, entry: dict[str, Any], *, chunk_ms: int, end_ms: int, idle_s: float,
-              max_seconds: float, check: Callable[[], None],
+              max_seconds: float, check: Callable[[bool], None],
               on_piece: Callable[[int], None]) -> Generator[tuple[bytes, bool], None, None]:
     """Each chunk of a stream with its ``done`` flag, as the pieces arrive; see the module docstring.
 
-    ``check`` runs before every read (it raises to stop: an interrupt, a hand-over);
+    ``check(waited)`` runs before every read and raises to stop (a hand-over; an interrupt when
+    ``waited``: the read before came back empty — while pieces flow, every cursor move already
+    reports interrupts, so asking Redis again would only slow each piece down);
     ``on_piece(n)`` after the chunks of the n-th piece were taken.
     """
     uid = entry["utterance_id"]
@@ -203,6 +205,7 @@ def chunks_of(streams: StreamStore, entry: dict[str, Any], *, chunk_ms: int, end
     out_bytes = 0
     after, pieces = "0-0", 0
     last_seen = time.monotonic()
+    waited = True
 
     def cut(pcm: bytes) -> list[bytes]:
         nonlocal out_bytes
@@ -213,8 +216,9 @@ def chunks_of(streams: StreamStore, entry: dict[str, Any], *, chunk_ms: int, end
 
     try:
         while True:
-            check()
+            check(waited)
             batch = streams.read(uid, after, DECODE_POLL_MS if encoded else POLL_MS)
+            waited = not batch
             if not batch:
                 for pcm in cut(conv.ready()):
                     yield pcm, False
@@ -264,10 +268,11 @@ def deliver(sender: Sender, entry: dict[str, Any], first_chunk: int, progress: P
     streams = StreamStore(sender.store.r)
     sent = [first_chunk]
 
-    def check() -> None:
+    def check(waited: bool) -> None:
         if sender.stopping():
             raise HandOver(f"worker stopping in the middle of stream {uid}; the next owner continues it")
-        sender._check_interrupt()
+        if waited:
+            sender._check_interrupt()
 
     def on_piece(n: int) -> None:
         sender.store.add_event(cid, {"type": "stream.piece", "utterance_id": uid, "piece": n, "chunks_sent": sent[0]})
