@@ -6,7 +6,8 @@
         for pcm in tts.synthesize(text):    # raw s16le mono at 24 kHz
             s.write(pcm)
 
-Leaving the block finishes the stream (also when the block raises: the replica closes its turn
+In asyncio code, ``async with client.stream(...) as s: await s.awrite(pcm)`` does the same
+without blocking the event loop on Redis. Leaving the block finishes the stream (also when the block raises: the replica closes its turn
 now instead of after the idle time). Pieces are raw s16le PCM at the stream's ``source_rate``
 (whole frames each), or, with ``format`` set, encoded bytes ffmpeg decodes as they arrive
 (``format="auto"`` lets ffmpeg tell; mp3, ogg, wav, flac, webm — not mp4/m4a, which need a
@@ -16,6 +17,7 @@ seekable file). :func:`pipe` streams a file object (stdin, a socket) as its byte
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from types import TracebackType
@@ -146,6 +148,21 @@ class Stream:
         self.appended = append(self.client, self.info, piece, finish=True, rate=rate)
         self.finished = True
         return self.appended
+
+    async def awrite(self, piece: bytes, *, rate: int | None = None) -> Appended:
+        """:meth:`write` for asyncio code: the Redis call runs in a thread, the event loop goes on."""
+        return await asyncio.to_thread(self.write, piece, rate=rate)
+
+    async def afinish(self, piece: bytes = b"", *, rate: int | None = None) -> Appended:
+        """:meth:`finish` for asyncio code."""
+        return await asyncio.to_thread(self.finish, piece, rate=rate)
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
 
     def __enter__(self) -> Stream:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import subprocess
@@ -166,6 +167,26 @@ def test_kill_9_of_the_owner_mid_stream_the_next_owner_continues_under_the_same_
     assert got == pieces
     dones = [m["properties"]["done"] for m in mine]
     assert dones.count(True) == 1 and dones[-1] is True
+
+
+def test_asyncio_code_streams_with_async_with_and_awrite(
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis
+) -> None:
+    workers.start(1)
+    client.open("st-y", "loopback://st-room-y")
+    pieces = pieces_of(voice(0.3))
+
+    async def produce() -> str:
+        async with client.stream("st-y", sample_rate=RATE, inference_id="async-1") as s:
+            for piece in pieces:
+                await s.awrite(piece)
+                await asyncio.sleep(0.02)
+        return str(s.utterance_id)
+
+    uid = asyncio.run(produce())
+    assert client.wait(uid, timeout=20)["state"] in ("sent", "spoken")
+    got = pcm_of(echoes_of(redis_client, "st-room-y", "async-1"))
+    assert got == [*pieces, b"\0" * chunks.chunk_bytes(RATE, 40)]  # leaving the block finished it
 
 
 def test_sigterm_of_the_owner_mid_stream_hands_it_over_with_nothing_lost_or_repeated(
