@@ -33,11 +33,13 @@ from worker.errors import (
 from worker.logs import step
 from worker.settings import SAMPLE_RATES, Settings, get_settings
 from worker.store import DELIVERED_STATES, FINAL_STATES, Store, text
+from worker.streams import Appended
 from worker.text import check_text
 from worker.transports import check_url
 from worker.transports.urls import is_loopback, room_label, split_token, tavus_conversation_id
 
-from . import fetch
+from . import fetch, streams
+from .streams import Stream
 
 log = logging.getLogger("echoq.producer")
 
@@ -209,6 +211,32 @@ class EchoqClient:
         if info.note:  # a truncated file plays what decodes; the record says where and why it stopped
             record["decode_note"] = info.note
         return self._enqueue(conversation_id, entry, record, blob=data)
+
+    # streams -------------------------------------------------------------------------------
+
+    def stream(self, conversation_id: str, *, sample_rate: int | None = None, source_rate: int | None = None,
+               channels: int = 1, format: str | None = None, utterance_id: str | None = None,
+               inference_id: str | None = None) -> Stream:
+        """Open a stream: an utterance whose audio is written piece by piece as it is produced.
+
+        Use it as ``with client.stream(cid, sample_rate=24000) as s: s.write(pcm)``; leaving the
+        block finishes it. Pieces are raw s16le PCM at ``source_rate`` (default: ``sample_rate``),
+        or encoded bytes with ``format`` (``"auto"`` lets ffmpeg tell). See :mod:`producer.streams`.
+        """
+        with _backend():
+            return Stream(self, streams.open_stream(
+                self, conversation_id, sample_rate=sample_rate, source_rate=source_rate, channels=channels,
+                format=format, utterance_id=utterance_id, inference_id=inference_id))
+
+    def append(self, utterance_id: str, piece: bytes, *, rate: int | None = None) -> Appended:
+        """Append a piece to the open stream ``utterance_id`` (``rate``: the piece's, checked)."""
+        with _backend():
+            return streams.append(self, streams.info_of(self, utterance_id), piece, rate=rate)
+
+    def finish(self, utterance_id: str, piece: bytes = b"", *, rate: int | None = None) -> Appended:
+        """Finish the stream ``utterance_id``, optionally with its last piece."""
+        with _backend():
+            return streams.append(self, streams.info_of(self, utterance_id), piece, finish=True, rate=rate)
 
     def interrupt(self, conversation_id: str) -> int:
         """Stop the utterance being sent, cancel the queued ones; returns how many were cancelled."""

@@ -13,7 +13,9 @@ What it does:
    port) as child processes; their logs go to ``out/demo/logs/``.
 3. Writes a melody with numpy (``out/demo/melody.wav``, 44.1 kHz stereo, converted by the
    worker), opens a ``loopback://`` conversation, says three lines of text, plays the melody,
-   waits for each to be spoken, then plays a longer clip and interrupts it mid-way.
+   waits for each to be spoken, streams a generated clip in 20 ms pieces at real time (the
+   room hears it while it is still being written), then plays a longer clip and interrupts it
+   mid-way.
 4. Prints a report: per utterance its kind, state, messages, enqueue-to-first-message and
    enqueue-to-sent times, how long the replica spoke, and the WAV/TXT file the simulator wrote;
    the simulator's protocol violations; what Flower saw, and its URL.
@@ -52,6 +54,7 @@ import redis
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's producer and worker, as the children it starts use
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 #: the columns of Flower's tasks page: its defaults plus arguments and result (ids and counts only)
 FLOWER_TASKS_COLUMNS = "name,uuid,state,args,result,runtime,worker,received"
@@ -109,6 +112,16 @@ def melody(path: Path, rate: int = 44100) -> Path:
         parts.append(0.35 * envelope * tone)
     mono = np.concatenate(parts)
     return write_wav(path, np.stack([mono, mono * 0.8], axis=1), rate)
+
+
+def vowel(seconds: float = 2.0, rate: int = 24000) -> bytes:
+    """A sung vowel with vibrato as raw 24 kHz s16le PCM: the clip the demo streams as it is "generated"."""
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 196.0 * (1 + 0.02 * np.sin(2 * np.pi * 5.5 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(a * np.sin(k * phase) for k, a in ((1, 1.0), (2, 0.5), (3, 0.35), (4, 0.15)))
+    envelope = np.minimum(1.0, t / 0.05) * np.minimum(1.0, (seconds - t) / 0.2)
+    return (0.2 * 32767 * envelope * voice).astype("<i2").tobytes()
 
 
 def chirp(path: Path, seconds: float = 6.0, rate: int = 24000) -> Path:
@@ -259,6 +272,7 @@ class Spoken:
     uid: str
     expect: str = "spoken"
     record: dict[str, Any] = field(default_factory=dict)
+    written: tuple[float, float] | None = None  # a stream: when its first and last piece were written (time.time)
 
 
 def run(args: argparse.Namespace, services: Services, redis_url: str) -> int:
@@ -311,6 +325,12 @@ def run(args: argparse.Namespace, services: Services, redis_url: str) -> int:
         say(f"  {item.record.get('state'):<11} {item.label}")
 
     utterances = list(script)
+    streamed = _stream_clip(client, conversation_id)
+    services.utterance_ids.append(streamed.uid)
+    streamed.record = _wait_final(client, streamed, services)
+    say(f"  {streamed.record.get('state'):<11} {streamed.label}")
+    utterances.append(streamed)
+
     if not args.no_interrupt:
         cut = Spoken(CUT_LINE, "audio", client.play(conversation_id, chirp(out / "chirp.wav")), expect="interrupted")
         services.utterance_ids.append(cut.uid)
@@ -343,6 +363,24 @@ def run(args: argparse.Namespace, services: Services, redis_url: str) -> int:
     return 0 if ok else 1
 
 
+def _stream_clip(client: Any, conversation_id: str, piece_ms: int = 20) -> Spoken:
+    """Stream a clip in 20 ms pieces at real time, as a speech generator would hand them over."""
+    pcm = vowel()
+    size = 24000 * piece_ms // 1000 * 2
+    pieces = [pcm[i : i + size] for i in range(0, len(pcm), size)]
+    say(f"• streaming a clip as it is generated: {len(pieces)} pieces of {piece_ms} ms, one every {piece_ms} ms")
+    with client.stream(conversation_id, sample_rate=24000) as stream:
+        t0, first_at = time.monotonic(), time.time()
+        for i, piece in enumerate(pieces[:-1]):
+            time.sleep(max(0.0, t0 + i * piece_ms / 1000 - time.monotonic()))
+            stream.write(piece)
+        time.sleep(max(0.0, t0 + (len(pieces) - 1) * piece_ms / 1000 - time.monotonic()))
+        last_at = time.time()
+        stream.finish(pieces[-1])  # the last piece carries done
+    return Spoken(f"≈ streamed clip, {len(pieces)} × {piece_ms} ms pieces", "stream", stream.utterance_id,
+                  written=(first_at, last_at))
+
+
 def _get(url: str) -> str | None:
     try:
         return requests.get(url, timeout=2).text.strip()
@@ -363,7 +401,7 @@ def _simulator_report(sim_out: Path, room: str, utterances: list[Spoken]) -> dic
     except (OSError, ValueError):
         return None
     got = {u["inference_id"]: u for u in report.get("rooms", {}).get(room, {}).get("utterances", [])}
-    if not all(got.get(u.record.get("inference_id", u.uid), {}).get("wav" if u.kind == "audio" else "txt")
+    if not all(got.get(u.record.get("inference_id", u.uid), {}).get("txt" if u.kind == "text" else "wav")
                for u in utterances):
         return None
     report["by_inference"] = got
@@ -415,6 +453,13 @@ def _print_report(utterances: list[Spoken], client: redis.Redis, room: str, repo
     say("")
     say(f"messages on the wire   {report['rooms'][room]['messages']} (simulator violations: {report['violations']})")
     say(f"simulator report       {_rel(sim_out / 'report.json')}")
+    for u in utterances:
+        if u.written is not None:
+            first_on_wire = first.get(u.record.get("inference_id", u.uid))
+            ahead = f"{(u.written[1] - first_on_wire) * 1000:.0f} ms before the last piece was written" \
+                if first_on_wire else "—"
+            say(f"streamed               {u.record.get('pieces_in', '?')} pieces appended in "
+                f"{(u.written[1] - u.written[0]):.2f} s; its first audio was in the room {ahead}")
     sent = _metric_counts(metrics_port)
     if sent:
         say("worker metrics         " + ", ".join(f"{k} {v:.0f}" for k, v in sent.items())

@@ -66,6 +66,11 @@ def blob(utterance_id: str) -> str:
     return f"{PREFIX}:blob:{utterance_id}"
 
 
+def stream(utterance_id: str) -> str:
+    """Stream of one streaming utterance's pieces as they arrive (fields ``d``, ``end``, ``open``, ``idle``, ``cut``)."""
+    return f"{PREFIX}:stream:{utterance_id}"
+
+
 def inference(inference_id: str) -> str:
     """String: inference_id -> utterance id, for mapping replica events."""
     return f"{PREFIX}:inf:{inference_id}"

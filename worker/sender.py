@@ -1,7 +1,8 @@
 """The ordered sender of one conversation: log entries after the cursor, one message at a time.
 
 For each entry: claim it (queued -> sending), turn it into echo messages (text: one message;
-audio: decode -> resample -> chunk, streamed, ``done`` on the last chunk), send each and move the
+audio: decode -> resample -> chunk, streamed, ``done`` on the last chunk; a stream: each piece as it
+arrives, see :mod:`worker.streams`), send each and move the
 cursor after each acknowledged send. Before every message it looks at the conversation's
 interrupt generation, so an interrupt stops the utterance within one message.
 
@@ -226,6 +227,10 @@ class Sender:
         try:
             if entry["kind"] == "text":
                 sent = self._send_text(entry)
+            elif entry["kind"] == "stream":
+                from . import streams  # streams builds on this module
+
+                sent = streams.deliver(self, entry, first_chunk, progress)
             else:
                 sent = self._send_audio(entry, first_chunk, progress)
         except Interrupted:
@@ -288,10 +293,10 @@ class Sender:
         )
         return chunks.rechunk(pcm, chunks.chunk_bytes(rate, self.chunk_ms))
 
-    def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
+    def _audio_put(self, entry: dict[str, Any]) -> Callable[[bytes, bool], None]:
+        """Sends one audio chunk of ``entry`` as an echo message, paced; starts the utterance's pacing."""
         rate = int(entry["sample_rate"])
         self.pacer.start_utterance()
-        stream = self._pcm_chunks(entry)
 
         def put(pcm: bytes, last: bool) -> None:
             message = echo.audio_echo(self.wire_id, pcm, rate, entry["inference_id"], last,
@@ -299,6 +304,11 @@ class Sender:
             self._wait_until(self.pacer.audio_due(len(pcm) / (2 * rate)))
             self._send(message, kind="audio", entry=entry)
 
+        return put
+
+    def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
+        put = self._audio_put(entry)
+        stream = self._pcm_chunks(entry)
         try:
             return self._deliver(entry, stream, first_chunk, put, progress, entry.get("chunks_estimate"), every=25)
         finally:
@@ -306,15 +316,18 @@ class Sender:
             if close is not None:
                 close()
 
-    def _deliver(self, entry: dict[str, Any], pieces: Iterable[bytes], first_chunk: int,
+    def _deliver(self, entry: dict[str, Any], pieces: Iterable[Any], first_chunk: int,
                  put: Callable[[bytes, bool], None], progress: Progress | None, total: int | None,
-                 *, every: int) -> int:
+                 *, every: int, marked: bool = False) -> int:
         """Hand each piece of an utterance after the cursor to ``put``, in order, moving the cursor
         after each; returns how many pieces the utterance has. ``every``: how often the record's
-        count is written (the cursor itself moves every time)."""
+        count is written (the cursor itself moves every time). ``marked``: ``pieces`` are already
+        ``(pcm, last)`` pairs (a stream knows its last piece only when it ends; a lookahead
+        would hold every piece back until the next one came)."""
         uid, seq = entry["utterance_id"], int(entry["seq"])
         index = -1
-        for index, (pcm, last) in enumerate(chunks.mark_last(pieces)):
+        items: Iterable[tuple[bytes, bool]] = pieces if marked else chunks.mark_last(pieces)
+        for index, (pcm, last) in enumerate(items):
             if index < first_chunk:  # sent before a crash; the cursor says where to go on
                 continue
             if index == first_chunk:  # later pieces learn of interrupts from each cursor move

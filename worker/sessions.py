@@ -30,6 +30,7 @@ from .logs import ms_since, step
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
 from .store import Store
+from .streams import HandOver
 from .transports import Transport, open_transport
 from .transports.base import REPLICA_JOINED, REPLICA_LEFT
 
@@ -293,8 +294,10 @@ class SessionManager:
             return 0
         try:
             return session.drain(progress)
-        except LeaseLost:
-            self.drop(cid, "lease lost", release=False)
+        except LeaseLost as exc:
+            # a worker that stops in the middle of a stream still holds the lease: hand it back
+            handing_over = isinstance(exc, HandOver)
+            self.drop(cid, "worker stopping" if handing_over else "lease lost", release=handing_over)
             return 0
 
     def close(self, cid: str) -> None:

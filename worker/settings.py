@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     fetch_allow_hosts: str = Field(default="", description="Comma-separated hosts, addresses or CIDR networks "
                                    "that audio URLs may reach although they are internal")
 
+    # Streams (utterances whose audio arrives in pieces)
+    stream_idle_s: float = Field(default=10.0, gt=0, description="A stream with no new piece this long is ended")
+    stream_end_ms: int = Field(default=40, ge=0, le=1000,
+                               description="Silence in the done message of a stream finished without a last piece; "
+                                           "0 sends an empty audio message")
+
     # Operations
     log_json: bool = False
     log_level: str = "INFO"

@@ -4,11 +4,12 @@ Two surfaces:
 
 - ``POST /send_text_message`` takes, unchanged, the body of Tavus's echo quickstart (a
   ``conversation.echo`` or ``conversation.interrupt`` app message) and queues it as one
-  utterance, so the quickstart's curl can point at echoq instead of its Flask script.
+  utterance — or, for audio with ``done`` false, appends it to the stream its ``inference_id``
+  names — so the quickstart's curl can point at echoq instead of its Flask script.
 - ``/v1`` resources: conversations (open, show, close, interrupt, events as server-sent
   events), utterances (text, audio as base64, an http(s) URL or a multipart upload) and their
-  status. ``GET /healthz`` says whether the service is healthy without a token, and which
-  workers report in only with one.
+  status, streams (:mod:`producer.api.streams`). ``GET /healthz`` says whether the service is
+  healthy without a token, and which workers report in only with one.
 
 Every request except health and the docs needs ``Authorization: Bearer <token>``; the check is an
 ASGI middleware, so a request without a valid token never reaches a handler or a body parser.
@@ -54,6 +55,7 @@ from worker.logs import ms_since, step
 from worker.settings import SAMPLE_RATES, Settings, get_settings
 
 from ..client import EchoqClient
+from ..streams import is_stream, quickstart_piece
 from ..tavus import TavusClient, TavusConfigError, TavusHTTPError, TavusNotFound, TavusRejected
 from .errors import ERRORS, ApiError, Loc, invalid, mapped
 from .models import (
@@ -72,6 +74,8 @@ from .models import (
     UtteranceOut,
 )
 from .schedules import register as register_schedules
+from .streams import register as register_streams
+from .streams import stream_errors
 
 __all__ = ["create_app", "body_limit_for", "OPEN_PATHS"]
 
@@ -285,7 +289,9 @@ def create_app(
     def send_text_message(message: EchoMessage) -> SendResult:
         """Queue the body of Tavus's echo quickstart as it is: a text or audio echo becomes one
         utterance (audio is raw PCM at `sample_rate`, converted and chunked as usual), an
-        interrupt interrupts. The caller's `inference_id`, when given, is used on the wire."""
+        interrupt interrupts. The caller's `inference_id`, when given, is used on the wire.
+        Audio with `done` false streams: every request with the same `inference_id` appends to
+        one utterance, which is spoken as it arrives, and the one with `done` true finishes it."""
         cid = message.conversation_id
         if message.event_type == "conversation.interrupt":
             with mapped():
@@ -294,12 +300,23 @@ def create_app(
         props = message.properties
         if props is None:
             raise invalid(("body", "properties"), "properties are required for conversation.echo")
-        if props.done in (False, "false"):
-            raise invalid(("body", "properties", "done"),
-                           "each request is one whole utterance: send it all with done true (or leave done out)")
+        streaming = props.done in (False, "false")
         loc: Loc = ("body", "properties")
         fields = {"inference_id": (*loc, "inference_id"), "conversation id": ("body", "conversation_id"),
                   "sample_rate": (*loc, "sample_rate"), "microphone mode": ("body", "conversation_id")}
+        if props.modality == "text" and streaming:
+            raise invalid((*loc, "done"), "text cannot be streamed: Tavus documents a text echo only as one whole "
+                                          "message with done true; stream audio, or send the whole text")
+        if props.modality == "audio" and props.audio is not None and (streaming or is_stream(echoq, props.inference_id)):
+            # one request of a series under one inference_id: the first opens a stream, done true finishes it
+            if not props.inference_id:
+                raise invalid((*loc, "inference_id"), "streaming over several requests (done false) needs an "
+                                                      "inference_id: the requests that share it are one utterance")
+            pcm = _b64((*loc, "audio"), props.audio)
+            with stream_errors((*loc, "audio"), fields):
+                uid = quickstart_piece(echoq, cid, pcm, props.sample_rate or 16000, props.inference_id, not streaming)
+            return SendResult(conversation_id=cid, utterance_id=uid, inference_id=props.inference_id,
+                              state="streaming" if streaming else "finished")
         if props.modality == "text":
             if props.text is None:
                 raise invalid((*loc, "text"), "text is required when modality is text")
@@ -459,6 +476,7 @@ def create_app(
 
 
     register_schedules(app, protected, echoq)
+    register_streams(app, protected, echoq)
 
     # -- health --------------------------------------------------------------------------------
 

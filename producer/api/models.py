@@ -44,7 +44,7 @@ class EchoProperties(BaseModel):
                                     description="rate of `audio`; 16000 when absent, as Tavus assumes")
     inference_id: str | None = Field(default=None, description="kept as the utterance's inference_id on the wire")
     done: StrictBool | Literal["true", "false"] | None = Field(
-        default=None, description="each request is one whole utterance, so only true (or absent) is accepted")
+        default=None, description="false: more audio follows under the same inference_id (audio only); true or absent: the end")
 
 
 class EchoMessage(BaseModel):

@@ -89,8 +89,17 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 def cmd_play(args: argparse.Namespace) -> int:
     client = _client()
-    uid = client.play(args.conversation_id, args.file, sample_rate=args.sample_rate, source_rate=args.source_rate,
-                      channels=args.channels, format=args.format, utterance_id=args.id, inference_id=args.inference_id)
+    fmt, source_rate = ("raw", args.raw_rate) if args.raw_rate else (args.format, args.source_rate)
+    if args.file == "-":
+        # stdin is streamed as it arrives: the replica speaks while the pipe is still being written
+        from ..streams import pipe
+
+        uid = pipe(client, args.conversation_id, sys.stdin.buffer, sample_rate=args.sample_rate,
+                   source_rate=source_rate, channels=args.channels, format=fmt or "auto",
+                   utterance_id=args.id, inference_id=args.inference_id)
+    else:
+        uid = client.play(args.conversation_id, args.file, sample_rate=args.sample_rate, source_rate=source_rate,
+                          channels=args.channels, format=fmt, utterance_id=args.id, inference_id=args.inference_id)
     return _after_enqueue(client, args, uid)
 
 
@@ -197,11 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "play", cmd_play, "queue an audio file (or http(s) URL) for the replica to lip-sync (audio echo)")
     p.add_argument("conversation_id")
-    p.add_argument("file", help="audio file (wav, mp3, ogg, flac, m4a, webm, raw PCM) or http(s) URL")
+    p.add_argument("file", help="audio file (wav, mp3, ogg, flac, m4a, webm, raw PCM), http(s) URL, or - to stream "
+                                "stdin as it arrives (raw PCM with --raw-rate; otherwise any format ffmpeg reads from a pipe)")
     p.add_argument("--sample-rate", type=int, choices=(16000, 24000), default=None,
                    help="rate sent to the replica (default ECHOQ_DEFAULT_SAMPLE_RATE, 24000)")
     p.add_argument("--format", help="input format when it cannot be told from the file (raw for s16le PCM)")
     p.add_argument("--source-rate", type=int, help="sample rate of raw PCM input")
+    p.add_argument("--raw-rate", type=int, help="the input is raw s16le PCM at this rate (--format raw --source-rate N)")
     p.add_argument("--channels", type=int, default=1, help="channels of raw PCM input (default 1)")
     _utterance_options(p)
 
