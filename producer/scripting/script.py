@@ -175,7 +175,7 @@ def load_script(path: str | Path, *, check_audio: bool = True) -> Script:
 def parse_text(text: str, *, source: str = "<script>", base_dir: Path | None = None, fmt: str = "yaml",
                check_audio: bool = True) -> Script:
     """Parse script text (YAML, or JSON with ``fmt="json"``) and validate it."""
-    marks: dict[int, int] = {}
+    marks: dict[tuple[int | None, str], int] = {}
     try:
         if fmt == "json":
             data = json.loads(text)
