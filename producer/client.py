@@ -39,6 +39,7 @@ from worker.transports import check_url
 from worker.transports.urls import is_loopback, room_label, split_token, tavus_conversation_id
 
 from . import fetch, streams
+from .records import conversation_record, event_record, utterance_record
 from .streams import Stream
 
 log = logging.getLogger("echoq.producer")
@@ -141,9 +142,10 @@ class EchoqClient:
                 self.app.send_task(keys.TASK_CLOSE, args=[conversation_id], queue=keys.conv_queue(conversation_id))
 
     def conversation(self, conversation_id: str) -> dict[str, Any]:
-        """State of a conversation: owner, backlog, current utterance, last error."""
+        """State of a conversation: owner, backlog, current utterance, last error (typed: see
+        :mod:`producer.records`)."""
         with _backend():
-            conv: dict[str, Any] = _public(self._conversation(conversation_id, open_only=False))
+            conv = conversation_record(_public(self._conversation(conversation_id, open_only=False)))
             cur = self.store.cursor(conversation_id)
             conv["owner"] = (self.store.lease_owner(conversation_id) or "").split(":")[0] or None
             conv["backlog"] = self.store.backlog(conversation_id)
@@ -198,7 +200,7 @@ class EchoqClient:
         uid = utterance_id or _utterance_id()
         inf = inference_id or uid
         _check_utterance_ids(uid, inf)
-        self._conversation(conversation_id)
+        conv = self._conversation(conversation_id)
         data = self._read_audio(audio_in)
         info = audio.probe(data, format=format, source_rate=source_rate, channels=channels,
                            max_bytes=self.settings.max_audio_bytes, max_seconds=self.settings.max_audio_seconds)
@@ -207,7 +209,13 @@ class EchoqClient:
         estimate = math.ceil(info.duration_s * rate * 2 / chunks.chunk_bytes(rate, self.settings.chunk_ms)) or 1
         entry = {"utterance_id": uid, "kind": "audio", "inference_id": inf, "sample_rate": rate,
                  "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate}
-        record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_total": estimate}
+        # The record's estimate counts what the sender counts in chunks_sent: echo chunks, or
+        # microphone frames. chunks_total is set only once it is known (when the last one is sent).
+        if conv.get("mode") == "microphone":
+            shown = math.ceil(info.duration_s * 1000 / self.settings.mic_frame_ms) or 1
+        else:
+            shown = estimate
+        record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_estimate": shown}
         if info.note:  # a truncated file plays what decodes; the record says where and why it stopped
             record["decode_note"] = info.note
         return self._enqueue(conversation_id, entry, record, blob=data)
@@ -247,16 +255,12 @@ class EchoqClient:
         return cancelled
 
     def status(self, utterance_id: str) -> dict[str, Any]:
-        """The utterance record: state, counts, timings, error, replica events."""
+        """The utterance record: state, counts, timings, error (typed: see :mod:`producer.records`)."""
         with _backend():
             rec = self.store.utterance(utterance_id)
         if rec is None:
             raise InvalidInput(f"no utterance {utterance_id!r}")
-        out: dict[str, Any] = dict(rec)
-        for k in ("seq", "chunks_sent", "chunks_total", "sample_rate"):
-            if k in out and out[k].lstrip("-").isdigit():
-                out[k] = int(out[k])
-        return out
+        return utterance_record(rec)
 
     def wait(self, utterance_id: str, *, timeout: float | None = None, states: tuple[str, ...] = DELIVERED_STATES,
              progress: Callable[[dict[str, Any]], None] | None = None, poll_s: float = 0.02) -> dict[str, Any]:
@@ -274,9 +278,10 @@ class EchoqClient:
 
     def events(self, conversation_id: str, after: str = "0-0", *, block_ms: int | None = None,
                count: int = 100) -> list[tuple[str, dict[str, Any]]]:
-        """Delivery and replica events of a conversation after the event id ``after``."""
+        """Delivery and replica events of a conversation after the event id ``after``, typed."""
         with _backend():
-            return self.store.events(conversation_id, after, count=count, block_ms=block_ms)
+            batch = self.store.events(conversation_id, after, count=count, block_ms=block_ms)
+        return [(event_id, event_record(event)) for event_id, event in batch]
 
     def health(self) -> dict[str, Any]:
         """Whether Redis answers, and the workers that reported in the last 30 seconds."""
@@ -331,6 +336,8 @@ class EchoqClient:
             data = self._fetch(audio_in, limit)
         else:
             path = Path(audio_in)
+            if path.is_dir():
+                raise AudioError(f"{path} is a directory, not an audio file")
             if not path.is_file():
                 raise AudioError(f"no such audio file: {path}")
             if path.stat().st_size > limit:

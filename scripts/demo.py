@@ -342,8 +342,7 @@ def run(args: argparse.Namespace, services: Services, redis_url: str) -> int:
         say(f"  {cut.record.get('state'):<11} {cut.label}")
         utterances.append(cut)
 
-    report = wait_until(lambda: _simulator_report(sim_out, room, utterances), 30, "the simulator's report.json",
-                        services)
+    report = settled_report(plain, room, sim_out, utterances, services)
     _print_report(utterances, plain, room, report, sim_out, flower_url, metrics_port, args.keep)
     ok = all(u.record.get("state") == u.expect for u in utterances) and report["violations"] == 0
 
@@ -392,6 +391,31 @@ def _wait_final(client: Any, item: Spoken, services: Services) -> dict[str, Any]
     final = ("spoken", "interrupted", "failed", "cancelled")
     return dict(wait_until(lambda: (rec := client.status(item.uid)).get("state") in final and rec, 120,
                            f"{item.label} to be spoken", services))
+
+
+def wire(client: redis.Redis, room: str) -> list[dict[str, Any]]:
+    """Every message sent into the loopback room, in order."""
+    from worker import keys
+
+    return [json.loads(fields[b"data"]) for _id, fields in client.xrange(keys.loopback_room(room))]
+
+
+def settled_report(client: redis.Redis, room: str, sim_out: Path, utterances: list[Spoken],
+                   services: Services | None = None) -> dict[str, Any]:
+    """The simulator's report once it has taken every message on the wire; ``on_wire`` is added.
+
+    An interrupted utterance is marked interrupted *before* its ``conversation.interrupt`` goes
+    out, so a report read as soon as every state was final could lack that last message (the demo
+    then said one message fewer than the report and the worker's metrics): wait for it first.
+    """
+    if any(u.expect == "interrupted" for u in utterances):
+        wait_until(lambda: any(m.get("event_type") == "conversation.interrupt" for m in wire(client, room)), 30,
+                   "the interrupt message in the room", services)
+    on_wire = len(wire(client, room))
+    report = wait_until(lambda: (r := _simulator_report(sim_out, room, utterances))
+                        and r["rooms"][room]["messages"] >= on_wire and r, 30,
+                        f"the simulator's report.json to count all {on_wire} messages", services)
+    return {**report, "on_wire": on_wire}
 
 
 def _simulator_report(sim_out: Path, room: str, utterances: list[Spoken]) -> dict[str, Any] | None:
@@ -451,7 +475,8 @@ def _print_report(utterances: list[Spoken], client: redis.Redis, room: str, repo
         if n == 0:
             say("  ".join("─" * w for w in widths))
     say("")
-    say(f"messages on the wire   {report['rooms'][room]['messages']} (simulator violations: {report['violations']})")
+    say(f"messages on the wire   {report['on_wire']} (the simulator took {report['rooms'][room]['messages']}; "
+        f"violations: {report['violations']})")
     say(f"simulator report       {_rel(sim_out / 'report.json')}")
     for u in utterances:
         if u.written is not None:

@@ -44,8 +44,14 @@ fi
 stamp=.venv/.echoq-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   say "installing echoq and its dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v WARNING || true
-  .venv/bin/python -m pip install -q -e ".[api,dev]" 2>&1 | grep -vi "warning\|^ *$\|!!" || true
-  .venv/bin/python -c "import worker, producer, celery, daily, soxr, fastapi" 
+  # pip's own output is kept in a log and shown only when something fails
+  log=$(mktemp -t echoq-setup.XXXXXX.log)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[api,dev]" \
+         && .venv/bin/python -c "import worker, producer, celery, daily, soxr, fastapi, fastapi_offline"; } >"$log" 2>&1; then
+    echo "installing into .venv failed; the end of $log:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi

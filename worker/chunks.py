@@ -83,3 +83,14 @@ def check_chunk_fits(chunk_ms: int, max_message_bytes: int, sample_rate: int = 2
             f"app message: {exc}; lower chunk_ms or raise max_message_bytes"
         ) from exc
     return len(encode(message))
+
+
+def progress_text(sent: int, total: int | None, estimate: int | None = None) -> str:
+    """Chunks sent so far, for people: ``12/75`` when the total is known, ``12/~75`` while it is
+    only estimated (from the input's duration), ``12`` once more were sent than estimated. A
+    total shown is never below the count."""
+    if total is not None and sent <= total:
+        return f"{sent}/{total}"
+    if estimate is not None and sent < estimate:
+        return f"{sent}/~{estimate}"
+    return str(sent)

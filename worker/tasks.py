@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from . import keys, metrics
+from . import chunks, keys, metrics
 from .celery_app import app
 from .errors import PermanentError
 from .logs import setup_logging, step
@@ -45,17 +45,21 @@ def drain(self: Any, conversation_id: str) -> dict[str, Any]:
     last = [0.0]
 
     def progress(utterance_id: str, sent: int, total: int | None) -> None:
+        # ``total`` is the sender's estimate until the last chunk, when it is the count itself
         now = time.monotonic()
-        if now - last[0] >= 0.5 or (total is not None and sent == total):
+        done = total is not None and sent == total
+        if now - last[0] >= 0.5 or done:
             last[0] = now
+            known, estimate = (total, None) if done else (None, total)
             meta = {"conversation_id": conversation_id, "utterance_id": utterance_id, "chunks_sent": sent,
-                    "chunks_total": total}
-            shown = total if total is not None else "?"
+                    "chunks_total": known, "chunks_estimate": estimate}
+            # short, count first: Flower's task table cuts long results off with an ellipsis
+            count = chunks.progress_text(sent, known, estimate)
             # progress is for people watching; a message already in the room must not fail
             # because the backend or the broker is away for a moment
             try:
                 self.update_state(state=PROGRESS_STATE, meta=meta)
-                self.send_event(PROGRESS_EVENT, result=f"sending {utterance_id}: {sent}/{shown} chunks", **meta)
+                self.send_event(PROGRESS_EVENT, result=f"{count} chunks, {utterance_id[:8]}", **meta)
             except Exception as exc:
                 log.debug("progress of %s not reported: %s", conversation_id, exc)
 
@@ -105,9 +109,21 @@ def _on_shutting_down(**_: Any) -> None:
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     try:
-        manager().shutdown()
-    except Exception:
-        log.exception("shutdown of sessions failed")
+        # A worker stopped before it was ready (e.g. Redis never answered) holds no sessions:
+        # nothing to hand back, and nothing to report.
+        sessions = manager()
+    except PermanentError:
+        sessions = None
+    if sessions is not None:
+        try:
+            sessions.shutdown()
+        except redis.RedisError as exc:
+            # One line, not the chain of connection tracebacks: leases expire on their own and
+            # another worker resumes from the cursor.
+            step(log, "worker.shutdown_incomplete", logging.WARNING, reason=f"Redis unreachable: {exc}",
+                 leases="expire after ECHOQ_LEASE_TTL_S")
+        except Exception:
+            log.exception("shutdown of sessions failed")
     try:
         from .transports import daily
 

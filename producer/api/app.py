@@ -57,6 +57,7 @@ from worker.settings import SAMPLE_RATES, Settings, get_settings
 from ..client import EchoqClient
 from ..streams import is_stream, quickstart_piece
 from ..tavus import TavusClient, TavusConfigError, TavusHTTPError, TavusNotFound, TavusRejected
+from .docs import ASSETS, DOC_PATHS, add_docs
 from .errors import ERRORS, ApiError, Loc, invalid, mapped
 from .models import (
     _CONV_ID,
@@ -81,8 +82,9 @@ __all__ = ["create_app", "body_limit_for", "OPEN_PATHS"]
 
 logger = logging.getLogger("echoq.api")
 
-#: paths served without a token: health and the API's own documentation
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: paths served without a token: health and the API's own documentation (and its assets)
+OPEN_PATHS = frozenset({"/healthz"}) | DOC_PATHS
+OPEN_PREFIXES = (f"{ASSETS}/",)
 #: room for JSON or multipart framing around the largest audio a request may carry
 _BODY_SLACK = 1024 * 1024
 _EVENT_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
@@ -152,7 +154,7 @@ class _BearerGate:
         return self.tokens is None or _bearer_matches(self.tokens, header)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), None)
@@ -246,7 +248,10 @@ def create_app(
         version="0.1.0",
         summary="Script what a Tavus replica says: queue text and audio into echo-mode conversations.",
         description="Every endpoint except `/healthz` needs `Authorization: Bearer <token>`.",
+        docs_url=None,  # add_docs serves both pages from local assets instead of a CDN
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.echoq = echoq
     app.state.handler_calls = Counter()  # requests that reached a handler, by route name (bounded)
 

@@ -15,10 +15,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from worker.errors import AudioError, BackendUnavailable, EchoqError, InvalidInput, UnknownConversation
+from pydantic import ValidationError
+from redis.connection import parse_url
+
+from worker.errors import (
+    AudioError,
+    BackendUnavailable,
+    ConfigError,
+    EchoqError,
+    InvalidInput,
+    UnknownConversation,
+)
 from worker.settings import get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN, EXIT_BACKEND = 0, 1, 2, 3, 5
+#: the URL schemes Redis's client (and so Celery's broker) accepts
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 #: modules that add their own subcommands with ``register(subparsers)``
 COMMAND_MODULES = ("producer.cli.tavus", "producer.cli.ops", "producer.cli.api", "producer.cli.script")
@@ -73,7 +85,9 @@ def cmd_close(args: argparse.Namespace) -> int:
 
 
 def _print_record(args: argparse.Namespace, record: dict[str, Any]) -> int:
-    _print(args, record, "\n".join(f"{k}: {v}" for k, v in sorted(record.items())))
+    from .human import record_text
+
+    _print(args, record, record_text(record))
     return EXIT_OK
 
 
@@ -107,24 +121,27 @@ def _after_enqueue(client: Any, args: argparse.Namespace, uid: str) -> int:
     if not args.wait:
         _print(args, {"utterance_id": uid, "state": "queued"}, uid)
         return EXIT_OK
-    shown = [-1]
+    from worker.chunks import progress_text
+
+    shown = [""]
     tty = sys.stderr.isatty()
 
     def progress(rec: dict[str, Any]) -> None:
-        if args.json:
+        if args.json or rec.get("kind") != "audio":
             return
-        sent, total = rec.get("chunks_sent", 0), rec.get("chunks_total")
-        if rec.get("kind") == "audio" and total and sent != shown[0]:
-            shown[0] = sent
-            line = f"{uid}: {rec.get('state')} {sent}/{total} chunks"
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        count = progress_text(rec.get("chunks_sent") or 0, rec.get("chunks_total"), rec.get("chunks_estimate"))
+        if count != shown[0]:
+            shown[0] = count
+            line = f"{uid}: {rec.get('state')} {count} chunks"
+            # on a terminal the line is rewritten in place; \033[K clears what a longer one left
+            print(("\r" + line + "\033[K") if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     try:
         rec = client.wait(uid, timeout=args.timeout, progress=progress)
     except TimeoutError as exc:
         print(f"\nechoq: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if tty and shown[0] >= 0 and not args.json:
+    if tty and shown[0] and not args.json:
         print(file=sys.stderr)
     _print(args, rec, f"{uid} {rec.get('state')}" + (f": {rec['error']}" if rec.get("error") else ""))
     return EXIT_OK if rec.get("state") in ("sent", "spoken") else EXIT_FAILED
@@ -233,10 +250,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_settings() -> None:
+    """Refuse bad ``ECHOQ_*`` settings in one line before any command runs (exit 2), instead
+    of a traceback from deep inside Redis's client or Celery."""
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"ECHOQ_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"bad settings: {problems}") from None
+    for name, url in (("ECHOQ_REDIS_URL", settings.redis_url), ("ECHOQ_BROKER_URL", settings.broker_url)):
+        if url is None:
+            continue
+        # the URL itself is never shown: it may carry a password
+        if url.split("://", 1)[0] not in REDIS_SCHEMES:
+            raise ConfigError(f"{name} is not a Redis URL: it must start with redis://, rediss:// or unix://")
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            reason = "its port is not a number" if "port" in str(exc).lower() else "Redis's client cannot parse it"
+            raise ConfigError(f"{name} is not a usable Redis URL: {reason}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_settings()
         return int(args.func(args))
+    except ConfigError as exc:
+        print(f"echoq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except UnknownConversation as exc:
         print(f"echoq: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN

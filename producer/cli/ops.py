@@ -179,6 +179,7 @@ def run_beat(args: argparse.Namespace) -> int:
     # which may be a different server or database. The key prefix (ECHOQ_REDBEAT_KEY_PREFIX) is
     # the one producers write schedule entries under; the static pump entry paces script lines.
     configure_redbeat(app, settings.redis_url, with_pump=True)
-    argv = ["beat", "--scheduler", "redbeat.RedBeatScheduler", "--loglevel", settings.log_level]
+    # RedBeat, publishing the safety-net pump only when a run is overdue (see producer.scripting.scheduler)
+    argv = ["beat", "--scheduler", "producer.scripting.scheduler.Scheduler", "--loglevel", settings.log_level]
     code = app.start(argv)
     return int(code or 0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from worker.errors import InvalidInput
 
-from ..scripting.script import Script, load_script
+from ..scripting.script import Script, ScriptError, load_script
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
 #: line states after which progress has nothing more to show
@@ -109,7 +109,16 @@ def _script(path: str, conversation: str | None, check_audio: bool = True) -> Sc
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    script = load_script(args.file, check_audio=not args.no_audio_check)
+    try:
+        script = load_script(args.file, check_audio=not args.no_audio_check)
+    except ScriptError as exc:
+        if args.json:
+            raise
+        # one problem a line: each names the script line, the field and where it is in the file
+        print(f"echoq: {exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
     target = script.target.conversation_id or f"new Tavus conversation from persona {script.target.persona_id}"
     _emit(args, {"valid": True, "lines": len(script.lines), "script": script.to_dict()},
           f"{args.file}: ok, {len(script.lines)} line(s) for {target}")

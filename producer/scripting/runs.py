@@ -26,6 +26,7 @@ from worker.errors import EchoqError, PermanentError, UnknownConversation
 from worker.settings import Settings, get_settings
 from worker.store import FINAL_STATES
 
+from ..records import utterance_record
 from .script import Script, parse_script
 
 __all__ = ["Runner", "run_key", "RUNS_DUE", "POLL_S", "BUSY_RETRY_S", "RUN_LOCK_MS", "PENDING_LINE_STATES"]
@@ -140,11 +141,11 @@ class Runner:
         rec.pop("script", None)
         for line in rec.get("lines", []):
             utt = self.r.hgetall(keys.utterance(line["utterance_id"])) if line.get("queued_at") else {}
-            u = {_text(k): _text(v) for k, v in utt.items()}
+            u = utterance_record({_text(k): _text(v) for k, v in utt.items()})
             line["state"] = u.get("state", "failed" if line.get("error") else "pending")
             for k in ("sent_at", "spoken_at", "finished_at"):
-                if u.get(k):
-                    line[k] = float(u[k])
+                if u.get(k) is not None:
+                    line[k] = u[k]
             if u.get("error") and not line.get("error"):
                 line["error"] = u["error"]
         return rec

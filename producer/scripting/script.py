@@ -58,6 +58,10 @@ _TOP_KEYS = {"name", "conversation", "lines"}
 _ID_ROOM = "x" * 128
 
 
+#: the field of a problem that is the file's syntax (YAML or JSON) rather than a script field
+SYNTAX = "syntax"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a script: which line (1-based; None for the script itself) and field."""
@@ -66,12 +70,16 @@ class Problem:
     field: str
     message: str
     source_line: int | None = None
+    source_column: int | None = None
 
     def __str__(self) -> str:
-        where = f"line {self.line}" if self.line is not None else "script"
+        at = None
         if self.source_line is not None:
-            where += f" (file line {self.source_line})"
-        return f"{where}: {self.field}: {self.message}"
+            column = f", column {self.source_column}" if self.source_column is not None else ""
+            at = f"file line {self.source_line}{column}"
+        where = (f"line {self.line}" + (f" ({at})" if at else "")) if self.line is not None else (at or "script")
+        # a syntax error belongs to the file as a whole: no field to name
+        return f"{where}: {self.message}" if self.field == SYNTAX else f"{where}: {self.field}: {self.message}"
 
 
 class ScriptError(InvalidInput):
@@ -170,7 +178,7 @@ def load_script(path: str | Path, *, check_audio: bool = True) -> Script:
 def parse_text(text: str, *, source: str = "<script>", base_dir: Path | None = None, fmt: str = "yaml",
                check_audio: bool = True) -> Script:
     """Parse script text (YAML, or JSON with ``fmt="json"``) and validate it."""
-    marks: dict[int, int] = {}
+    marks: dict[tuple[int | None, str], int] = {}
     try:
         if fmt == "json":
             data = json.loads(text)
@@ -179,19 +187,18 @@ def parse_text(text: str, *, source: str = "<script>", base_dir: Path | None = N
             data = yaml.safe_load(text)
             marks = _line_marks(node)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
-        where = f"file line {line}" if line else "file"
-        raise ScriptError(source, [Problem(None, where, f"not valid {fmt.upper()}: {_first_line(exc)}")]) from exc
+        raise ScriptError(source, [_syntax_problem(exc, fmt)]) from exc
     return parse_script(data, source=source, base_dir=base_dir, source_lines=marks, check_audio=check_audio)
 
 
 def parse_script(data: Any, *, source: str = "<script>", base_dir: Path | None = None,
-                 source_lines: Mapping[int, int] | None = None, check_audio: bool = True) -> Script:
+                 source_lines: Mapping[tuple[int | None, str], int] | None = None, check_audio: bool = True) -> Script:
     """Validate plain data (as parsed from YAML or JSON) into a :class:`Script`.
 
     ``base_dir`` resolves relative audio paths; ``check_audio`` also checks that local audio
     files exist (a path that only exists on the workers can be passed with it off).
+    ``source_lines`` maps ``(script line or None, field)`` to the file line it was read from
+    (``(n, "")`` is where line ``n`` starts), so each problem can point at its field.
     """
     bad = _Problems(dict(source_lines or {}))
     if not isinstance(data, dict):
@@ -223,12 +230,22 @@ def parse_script(data: Any, *, source: str = "<script>", base_dir: Path | None =
 class _Problems:
     """Collects problems; called as ``bad(line, field, message)``."""
 
-    def __init__(self, source_lines: dict[int, int]) -> None:
+    def __init__(self, source_lines: dict[tuple[int | None, str], int]) -> None:
         self.source_lines = source_lines
         self.problems: list[Problem] = []
 
     def __call__(self, line: int | None, fld: str, message: str) -> None:
-        self.problems.append(Problem(line, fld, message, self.source_lines.get(line or 0)))
+        self.problems.append(Problem(line, fld, message, self.file_line(line, fld)))
+
+    def file_line(self, line: int | None, fld: str) -> int | None:
+        """The file line of the field itself when known, else of the part it belongs to: the
+        script line's start, or the top-level key (``conversation`` for ``conversation.id``)."""
+        found = self.source_lines.get((line, fld))
+        if found is None and line is None and "." in fld:
+            found = self.source_lines.get((None, fld.split(".", 1)[0]))
+        if found is None and line is not None:
+            found = self.source_lines.get((line, ""))
+        return found
 
 
 # fields --------------------------------------------------------------------------------------
@@ -376,15 +393,40 @@ def _max_message_bytes() -> int:
     return get_settings().max_message_bytes
 
 
-def _line_marks(node: Any) -> dict[int, int]:
-    """Script line number -> 1-based source line, from a composed YAML node."""
+def _line_marks(node: Any) -> dict[tuple[int | None, str], int]:
+    """``(script line or None, field)`` -> 1-based file line, from a composed YAML node: every
+    top-level key, every ``conversation`` field, where each script line starts and each of its fields."""
+    marks: dict[tuple[int | None, str], int] = {}
     if not isinstance(node, yaml.MappingNode):
-        return {}
+        return marks
     for key, value in node.value:
-        if isinstance(key, yaml.ScalarNode) and key.value == "lines" and isinstance(value, yaml.SequenceNode):
-            return {i: item.start_mark.line + 1 for i, item in enumerate(value.value, start=1)}
-    return {}
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        marks[(None, key.value)] = key.start_mark.line + 1
+        if key.value == "conversation" and isinstance(value, yaml.MappingNode):
+            for sub, _v in value.value:
+                if isinstance(sub, yaml.ScalarNode):
+                    marks[(None, f"conversation.{sub.value}")] = sub.start_mark.line + 1
+        if key.value == "lines" and isinstance(value, yaml.SequenceNode):
+            for n, item in enumerate(value.value, start=1):
+                marks[(n, "")] = item.start_mark.line + 1
+                if isinstance(item, yaml.MappingNode):
+                    for field_key, _v in item.value:
+                        if isinstance(field_key, yaml.ScalarNode):
+                            marks[(n, field_key.value)] = field_key.start_mark.line + 1
+    return marks
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _syntax_problem(exc: Exception, fmt: str) -> Problem:
+    """What the parser found wrong and where (file line and column), not only what it was doing:
+    YAML's message starts with its context ("while parsing a block mapping"), its problem follows."""
+    if isinstance(exc, json.JSONDecodeError):
+        return Problem(None, SYNTAX, f"not valid JSON: {exc.msg}", exc.lineno, exc.colno)
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    what = " ".join(p for p in (problem, f"({context})" if context else None) if p) or type(exc).__name__
+    if problem and ("expected <block end>" in problem or "not allowed here" in problem):
+        what += "; check the indentation of this line and the one before"
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    return Problem(None, SYNTAX, f"not valid {fmt.upper()}: {what}", line, column)

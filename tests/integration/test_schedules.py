@@ -258,7 +258,7 @@ def test_a_bad_script_is_rejected_before_anything_is_enqueued(
     done = subprocess.run([sys.executable, "-m", "producer.cli", "script", "run", str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "line 2 (file line 4): pause:" in done.stderr
+    assert "line 2 (file line 5): pause:" in done.stderr  # the line of the field itself
     assert client.conversation("conv-b")["utterances"] == 0
     assert not list(redis_client.scan_iter("echoq:run:*"))
 

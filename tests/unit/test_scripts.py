@@ -42,8 +42,34 @@ def test_errors_name_every_bad_line_and_field_with_the_file_line() -> None:
     with pytest.raises(ScriptError) as err:
         parse_text(text, check_audio=False)
     got = {(p.line, p.field, p.source_line) for p in err.value.problems}
-    assert got == {(2, "text", 4), (3, "sample_rate", 5), (4, "sample_rate", 6), (5, "pause", 8), (5, "colour", 8)}
+    # each file line is the bad field's own: line 4's sample_rate is on the file line after its start
+    assert got == {(2, "text", 4), (3, "sample_rate", 5), (4, "sample_rate", 7), (5, "pause", 8), (5, "colour", 8)}
     assert "line 2 (file line 4): text:" in str(err.value)
+
+
+def test_unknown_top_level_and_conversation_keys_get_their_file_line() -> None:
+    text = "name: n\nconversation:\n  id: c\n  colour: red\nlines:\n  - hi\nextra: 1\n"
+    with pytest.raises(ScriptError) as err:
+        parse_text(text, check_audio=False)
+    got = {(p.line, p.field, p.source_line) for p in err.value.problems}
+    assert got == {(None, "extra", 7), (None, "conversation.colour", 4)}
+    assert "file line 7: extra: unknown field" in str(err.value)
+
+
+@pytest.mark.parametrize("text, fmt, line, column, words", [
+    # a mis-indented field: the problem itself, not only YAML's "while parsing" context
+    ("conversation: c\nlines:\n  - text: hi\n   pause: 2s\n", "yaml", 4, 4, "expected <block end>"),
+    ("conversation: c\nlines: [\n", "yaml", 3, 1, "found '<stream end>'"),
+    ('{"conversation": "c", "lines": [}', "json", 1, 33, "Expecting value"),
+])
+def test_syntax_errors_name_the_problem_with_file_line_and_column(text: str, fmt: str, line: int, column: int,
+                                                                  words: str) -> None:
+    with pytest.raises(ScriptError) as err:
+        parse_text(text, fmt=fmt, check_audio=False)
+    (problem,) = err.value.problems
+    assert (problem.source_line, problem.source_column) == (line, column)
+    assert words in problem.message
+    assert f"file line {line}, column {column}: not valid {fmt.upper()}: " in str(err.value)
 
 
 @pytest.mark.parametrize("data, field", [
