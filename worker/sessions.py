@@ -332,10 +332,6 @@ class SessionManager:
     def _tick(self) -> None:
         s = self.settings
         now = time.monotonic()
-        for cid, (closed_at, url) in list(self._closed_at.items()):
-            if now - closed_at >= retention.SECOND_PASS_LEASES * s.lease_ttl_s:
-                retention.expire_conversation(self.redis, cid, s.retention_s, url)
-                del self._closed_at[cid]
         for cid, session in list(self.sessions.items()):
             if now - session.renewed_at >= s.lease_ttl_s / 3:
                 requested = time.monotonic()
@@ -354,6 +350,11 @@ class SessionManager:
                 self._close_now(cid)
             elif backlog and not session.draining and not self.shutting_down:
                 self.ring(cid)
+        # after the renewals above, so that a long log to walk never delays them
+        for cid, (closed_at, url) in list(self._closed_at.items()):
+            if now - closed_at >= retention.SECOND_PASS_LEASES * s.lease_ttl_s:
+                retention.expire_conversation(self.redis, cid, s.retention_s, url)
+                del self._closed_at[cid]
         self.redis.hset(keys.WORKERS, self.hostname, json.dumps(
             {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": self.limit,
              "threads": self.threads, "shutting_down": self.shutting_down}))
