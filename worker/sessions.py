@@ -40,9 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("echoq.sessions")
 
 SPEAKING_STARTED = {echo.STARTED_SPEAKING, "conversation.started_speaking"}
+SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
 #: how many replica starts and stops are remembered to count each once
 _SEEN_EVENTS = 4096
-SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
 
 
 class Session:

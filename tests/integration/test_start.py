@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 
 from producer.cli import main
 from tests.fake_tavus import (
     FakeTavus,
     fake_tavus_fixture,  # noqa: F401  (the fake_tavus fixture)
 )
-from worker import keys
+from worker import keys, sealing
 from worker.settings import get_settings
 
 pytestmark = pytest.mark.redis
@@ -74,3 +76,34 @@ def test_start_when_redis_is_down_says_how_to_open_it_later(
     (conv_id,) = env.state.conversations
     err = capsys.readouterr().err
     assert f"echoq open {conv_id} --url" in err and "Redis is unreachable" in err
+
+
+def test_start_private_joins_with_a_sealed_token_that_is_never_printed(
+    env: FakeTavus, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = Fernet.generate_key().decode()
+    monkeypatch.setenv("ECHOQ_SECRET_KEY", key)
+    get_settings.cache_clear()
+    persona = env.add_persona("Private", pipeline_mode="echo", default_replica_id="r1")
+    assert main(["start", "--persona", persona["persona_id"], "--private", "--test-mode", "--json"]) == 0
+    out, err = capsys.readouterr()
+    (conv_id,) = env.state.conversations
+    conv = env.state.conversations[conv_id]
+    token = conv["meeting_token"]
+    assert (conv["require_auth"], conv["test_mode"]) == (True, True)
+    assert json.loads(out)["private"] is True
+    assert token not in out + err
+    sealed = redis_client.hget(keys.conversation(conv_id), sealing.TOKEN_FIELD)
+    assert sealed is not None and token.encode() not in sealed
+    assert sealing.unseal(sealed.decode(), SecretStr(key)) == token
+
+
+def test_start_private_without_a_secret_key_creates_nothing(
+    env: FakeTavus, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ECHOQ_SECRET_KEY", raising=False)
+    get_settings.cache_clear()
+    persona = env.add_persona("Private", pipeline_mode="echo", default_replica_id="r1")
+    assert main(["start", "--persona", persona["persona_id"], "--private"]) == 2
+    assert "ECHOQ_SECRET_KEY" in capsys.readouterr().err
+    assert env.state.conversations == {}

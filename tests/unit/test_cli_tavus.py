@@ -377,3 +377,25 @@ def test_echoq_main_runs_tavus(env: FakeTavus, capsys: pytest.CaptureFixture[str
     env.add_persona("Via main")
     assert main(["tavus", "persona", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["data"][0]["persona_name"] == "Via main"
+
+
+def test_conversation_create_private_never_prints_the_meeting_token(
+    env: FakeTavus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    persona = env.add_persona("P", default_replica_id="r1")
+    assert run("conversation", "create", "--persona-id", persona["persona_id"], "--private",
+               "--audio-only", "--greeting", "Hello!", "--conversation-context", "A test.", "--json") == 0
+    out, err = out_err(capsys)
+    (conv,) = env.state.conversations.values()
+    assert conv["meeting_token"] not in out + err
+    assert "meeting_token" not in json.loads(out)
+    assert (conv["require_auth"], conv["audio_only"], conv["custom_greeting"], conv["conversational_context"]) == (
+        True, True, "Hello!", "A test.")
+
+
+def test_persona_create_with_the_microphone_layers_from_the_setting(
+    env: FakeTavus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("persona", "create", "Mic", "--microphone", "--json") == 0
+    (request,) = env.requests("POST", "/v2/personas")
+    assert request.body["layers"] == {"transport": {"input_settings": {"microphone": "enabled"}}}

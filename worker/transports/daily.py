@@ -69,12 +69,12 @@ _registry_lock = threading.Lock()
 _live: set[DailyTransport] = set()
 
 
-def shutdown_all(timeout: float = 10.0) -> None:
+def shutdown_all(timeout: float = 10.0) -> bool:
     """Leave and release every Daily client of this process (worker shutdown).
 
     A join still pending is abandoned at once (its client is released in the background, see
     :func:`~.daily_sdk.close_in_background`); the call waits at most ``timeout`` for those
-    background releases.
+    background releases. True when every client is released.
     """
     with _registry_lock:
         transports = list(_live)
@@ -86,6 +86,8 @@ def shutdown_all(timeout: float = 10.0) -> None:
             log.exception("leaving %s at shutdown failed", transport.room)
     if not wait_for_cleanup(timeout):
         log.warning("daily clients still being released after %.1fs at shutdown", timeout)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
