@@ -79,11 +79,8 @@ def utterance_record(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def conversation_record(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A conversation record as read from Redis, typed; an empty ``last_error`` means none."""
-    out = typed(raw)
-    if out.get("last_error") == "":
-        out["last_error"] = None
-    return out
+    """A conversation record as read from Redis, typed."""
+    return typed(raw)
 
 
 def event_record(event: Mapping[str, Any]) -> dict[str, Any]:

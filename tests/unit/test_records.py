@@ -35,7 +35,7 @@ def test_utterance_fields_become_numbers_and_times_epoch_seconds() -> None:
 def test_conversation_and_event_records_are_typed_too() -> None:
     conv = conversation_record({"id": "c1", "created_at": "1796161581.5", "interrupt_gen": "2", "last_error": "",
                                 "cursor": {"seq": 3, "chunk": 0}})
-    assert conv == {"id": "c1", "created_at": 1796161581.5, "interrupt_gen": 2, "last_error": None,
+    assert conv == {"id": "c1", "created_at": 1796161581.5, "interrupt_gen": 2, "last_error": "",
                     "cursor": {"seq": 3, "chunk": 0}}
     event = event_record({"type": "replica.stopped", "ts": 1796161583.25, "seq": None, "duration": "1.24",
                           "interrupted": "false"})
