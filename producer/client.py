@@ -231,10 +231,13 @@ class EchoqClient:
         block finishes it. Pieces are raw s16le PCM at ``source_rate`` (default: ``sample_rate``),
         or encoded bytes with ``format`` (``"auto"`` lets ffmpeg tell). See :mod:`producer.streams`.
         """
+        uid = utterance_id or _utterance_id()
+        inf = inference_id or uid
+        _check_utterance_ids(uid, inf)
         with _backend():
             return Stream(self, streams.open_stream(
                 self, conversation_id, sample_rate=sample_rate, source_rate=source_rate, channels=channels,
-                format=format, utterance_id=utterance_id, inference_id=inference_id))
+                format=format, utterance_id=uid, inference_id=inf))
 
     def append(self, utterance_id: str, piece: bytes, *, rate: int | None = None) -> Appended:
         """Append a piece to the open stream ``utterance_id`` (``rate``: the piece's, checked)."""

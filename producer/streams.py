@@ -21,21 +21,39 @@ import asyncio
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import IO, Any, Protocol
+
+import redis
 
 from worker import keys
 from worker.errors import InvalidInput
-from worker.settings import SAMPLE_RATES
+from worker.settings import SAMPLE_RATES, Settings
+from worker.store import Store
 from worker.streams import RAW_FORMATS, Appended, StreamClosed, StreamCut, StreamStore
-
-if TYPE_CHECKING:
-    from .client import EchoqClient
 
 __all__ = ["Stream", "Appended", "StreamClosed", "StreamCut", "open_stream", "append", "pipe", "quickstart_piece",
            "is_stream"]
 
 #: the largest piece one read of a pipe appends
 PIPE_PIECE_BYTES = 64 * 1024
+
+
+class Producer(Protocol):
+    """What this module uses of :class:`producer.client.EchoqClient` (named, not imported: the
+    client imports this module)."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: Store
+
+    def _conversation(self, conversation_id: str, *, open_only: bool = True) -> dict[str, str]: ...
+
+    def _enqueue(self, conversation_id: str, entry: dict[str, Any], record: dict[str, Any],
+                 blob: bytes | None = None) -> str: ...
+
+    def stream(self, conversation_id: str, *, sample_rate: int | None = None, source_rate: int | None = None,
+               channels: int = 1, format: str | None = None, utterance_id: str | None = None,
+               inference_id: str | None = None) -> Stream: ...
 
 
 @dataclass(frozen=True)
@@ -49,12 +67,10 @@ class StreamInfo:
     channels: int
 
 
-def open_stream(client: EchoqClient, conversation_id: str, *, sample_rate: int | None = None,
-                source_rate: int | None = None, channels: int = 1, format: str | None = None,
-                utterance_id: str | None = None, inference_id: str | None = None) -> StreamInfo:
-    """Open a stream in the conversation's log (it waits its turn like any utterance)."""
-    from .client import _check_utterance_ids, _utterance_id
-
+def open_stream(client: Producer, conversation_id: str, *, sample_rate: int | None, source_rate: int | None,
+                channels: int, format: str | None, utterance_id: str, inference_id: str) -> StreamInfo:
+    """Open a stream in the conversation's log (it waits its turn like any utterance); the ids
+    are already checked (:meth:`EchoqClient.stream` does that)."""
     rate = sample_rate or client.settings.default_sample_rate
     if rate not in SAMPLE_RATES:
         raise InvalidInput(f"sample_rate must be 16000 or 24000, not {rate}")
@@ -67,9 +83,7 @@ def open_stream(client: EchoqClient, conversation_id: str, *, sample_rate: int |
             raise InvalidInput(f"channels must be 1 to 8, not {channels}")
     elif format is None or not format.isalnum():
         raise InvalidInput(f"format must be letters and digits (an ffmpeg format name), not {format!r}")
-    uid = utterance_id or _utterance_id()
-    inf = inference_id or uid
-    _check_utterance_ids(uid, inf)
+    uid, inf = utterance_id, inference_id
     if client._conversation(conversation_id).get("mode") == "microphone":
         raise InvalidInput(f"conversation {conversation_id!r} is in microphone mode: streams are echo-mode only")
     streams = StreamStore(client.redis)
@@ -90,7 +104,7 @@ def open_stream(client: EchoqClient, conversation_id: str, *, sample_rate: int |
     return StreamInfo(conversation_id, uid, raw, source_rate if raw else None, channels)
 
 
-def info_of(client: EchoqClient, utterance_id: str) -> StreamInfo:
+def info_of(client: Producer, utterance_id: str) -> StreamInfo:
     """The stream ``utterance_id`` as an append sees it; :class:`StreamClosed` when there is none."""
     rec = client.store.utterance(utterance_id)
     if rec is None:
@@ -102,7 +116,7 @@ def info_of(client: EchoqClient, utterance_id: str) -> StreamInfo:
                       int(rate) if rate else None, int(rec.get("channels") or 1))
 
 
-def append(client: EchoqClient, info: StreamInfo, piece: bytes, *, finish: bool = False,
+def append(client: Producer, info: StreamInfo, piece: bytes, *, finish: bool = False,
            rate: int | None = None) -> Appended:
     """Append one piece (``finish``: it is the last, and may be empty); see :class:`StreamStore`."""
     if not isinstance(piece, bytes | bytearray | memoryview):
@@ -131,7 +145,7 @@ def append(client: EchoqClient, info: StreamInfo, piece: bytes, *, finish: bool 
 class Stream:
     """A stream being written: :meth:`write` pieces, then :meth:`finish` (or leave the ``with``)."""
 
-    def __init__(self, client: EchoqClient, info: StreamInfo) -> None:
+    def __init__(self, client: Producer, info: StreamInfo) -> None:
         self.client = client
         self.info = info
         self.utterance_id = info.utterance_id
@@ -181,12 +195,12 @@ class Stream:
                 raise
 
 
-def pipe(client: EchoqClient, conversation_id: str, source: IO[bytes], **options: object) -> str:
+def pipe(client: Producer, conversation_id: str, source: IO[bytes], **options: object) -> str:
     """Stream everything ``source`` yields, as it arrives, then finish; returns the utterance id.
 
     Raw PCM is appended in whole frames (a read that ends inside a frame keeps the rest for the
     next piece)."""
-    info = open_stream(client, conversation_id, **options)  # type: ignore[arg-type]
+    info = client.stream(conversation_id, **options).info  # type: ignore[arg-type]
     frame = 2 * info.channels if info.raw else 1
     held = b""
     fd = source.fileno() if hasattr(source, "fileno") else None
@@ -206,16 +220,16 @@ def pipe(client: EchoqClient, conversation_id: str, source: IO[bytes], **options
     return info.utterance_id
 
 
-def quickstart_piece(client: EchoqClient, conversation_id: str, pcm: bytes, rate: int, inference_id: str,
+def quickstart_piece(client: Producer, conversation_id: str, pcm: bytes, rate: int, inference_id: str,
                      done: bool) -> str:
     """One request of Tavus's quickstart in a series under ``inference_id``: the first opens a
     stream (raw PCM at ``rate``), each appends, the one with ``done`` true finishes it."""
     uid = client.store.utterance_for_inference(inference_id)
     if uid is None:
         try:
-            info = open_stream(client, conversation_id, sample_rate=rate if rate in SAMPLE_RATES else 24000,
-                               source_rate=rate, inference_id=inference_id,
-                               utterance_id=_uid_for(inference_id))
+            info = client.stream(conversation_id, sample_rate=rate if rate in SAMPLE_RATES else 24000,
+                                 source_rate=rate, inference_id=inference_id,
+                                 utterance_id=_uid_for(inference_id)).info
         except InvalidInput as exc:
             if "already used" not in str(exc):
                 raise
@@ -231,7 +245,7 @@ def quickstart_piece(client: EchoqClient, conversation_id: str, pcm: bytes, rate
     return info.utterance_id
 
 
-def is_stream(client: EchoqClient, inference_id: str | None) -> bool:
+def is_stream(client: Producer, inference_id: str | None) -> bool:
     """Whether ``inference_id`` names a stream (so a quickstart request with it belongs to that stream)."""
     uid = client.store.utterance_for_inference(inference_id) if inference_id else None
     return uid is not None and (client.store.utterance(uid) or {}).get("kind") == "stream"

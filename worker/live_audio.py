@@ -97,8 +97,10 @@ class EncodedPieces:
             raise ValueError(f"block must be a positive even number of bytes, not {block}")
         self.block = block
         fmt = ["-f", format] if format and format.isalnum() else []
-        # soxr inside ffmpeg: the input rate is only known once ffmpeg has probed the pipe
-        args = [binary, "-hide_banner", "-loglevel", "error", *fmt, "-i", "pipe:0", "-map", "0:a:0",
+        # soxr inside ffmpeg: the input rate is only known once ffmpeg has probed the pipe. A small
+        # probe: by default ffmpeg reads about 1.5 s of an mp3 before it decodes anything
+        args = [binary, "-hide_banner", "-loglevel", "error", "-probesize", "4096", "-analyzeduration", "0",
+                *fmt, "-i", "pipe:0", "-map", "0:a:0",
                 "-af", "aresample=resampler=soxr", "-ac", "1", "-ar", str(target_rate),
                 "-f", "s16le", "-c:a", "pcm_s16le", "pipe:1"]  # fmt: skip
         # stderr goes to an unnamed file (closed in close()): a pipe nobody reads could stall ffmpeg

@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import redis
 
@@ -107,6 +107,11 @@ class Pacer:
 
 class Sender:
     """Sends one conversation's log into its room. Used by one thread at a time."""
+
+    #: how entries of other kinds are sent, ``kind -> deliver(sender, entry, first_chunk, progress)``
+    #: returning the messages sent: :mod:`worker.streams` adds ``stream`` (it builds on this
+    #: module, so this one does not import it; the session manager imports it)
+    deliverers: ClassVar[dict[str, Callable[[Sender, dict[str, Any], int, Progress | None], int]]] = {}
 
     def __init__(
         self,
@@ -227,10 +232,8 @@ class Sender:
         try:
             if entry["kind"] == "text":
                 sent = self._send_text(entry)
-            elif entry["kind"] == "stream":
-                from . import streams  # streams builds on this module
-
-                sent = streams.deliver(self, entry, first_chunk, progress)
+            elif entry["kind"] in self.deliverers:
+                sent = self.deliverers[entry["kind"]](self, entry, first_chunk, progress)
             else:
                 sent = self._send_audio(entry, first_chunk, progress)
         except Interrupted:

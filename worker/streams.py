@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
@@ -36,11 +36,8 @@ from . import chunks, keys
 from .errors import AudioError, InvalidInput
 from .live_audio import EncodedPieces, PcmPieces, Pieces
 from .logs import step
-from .sender import Interrupted, LeaseLost
+from .sender import Interrupted, LeaseLost, Progress, Sender
 from .store import text
-
-if TYPE_CHECKING:
-    from .sender import Progress, Sender
 
 log = logging.getLogger("echoq.streams")
 
@@ -301,3 +298,6 @@ def deliver(sender: Sender, entry: dict[str, Any], first_chunk: int, progress: P
     sender.store.update_utterance(uid, stream_state=ended if ended == "idle" else "finished")
     streams.drop(uid)
     return total
+
+
+Sender.deliverers["stream"] = deliver

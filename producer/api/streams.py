@@ -32,7 +32,6 @@ from ..streams import (
     StreamInfo,
     append,
     info_of,
-    open_stream,
 )
 from .errors import ERRORS, ApiError, Loc, invalid, mapped
 from .models import _CONV_ID, _UTT_ID
@@ -109,9 +108,9 @@ def register(app: FastAPI, protected: Sequence[Any], echoq: EchoqClient) -> None
         """Open a stream: an utterance whose audio comes in pieces. It takes its place in the
         conversation's order now; the utterances queued after it wait until it is finished."""
         with stream_errors():
-            info = open_stream(echoq, conversation_id, sample_rate=body.sample_rate, source_rate=body.source_rate,
-                               channels=body.channels, format=body.format, utterance_id=body.id,
-                               inference_id=body.inference_id)
+            info = echoq.stream(conversation_id, sample_rate=body.sample_rate, source_rate=body.source_rate,
+                                channels=body.channels, format=body.format, utterance_id=body.id,
+                                inference_id=body.inference_id).info
         return StreamOut(utterance_id=info.utterance_id, conversation_id=conversation_id)
 
     async def _pieces(request: Request, conversation_id: str, utterance_id: str, finish: bool,

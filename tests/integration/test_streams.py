@@ -108,14 +108,16 @@ def test_an_interrupt_cuts_a_stream_nothing_follows_it_and_later_appends_are_ref
     queued = client.say("st-i", "Queued behind the stream.")
     write_in_real_time(s, pieces[:20])
     wait_for(lambda: len(echoes_of(redis_client, "st-room-i", s.utterance_id)) >= 5, 20, what="the stream on the wire")
-    assert client.interrupt("st-i") == 1  # the text queued behind it
+    cancelled = client.interrupt("st-i")
+    assert cancelled == 1, (client.status(queued), client.conversation("st-i"))  # the text queued behind it
     with pytest.raises(StreamClosed, match="interrupted"):
         s.write(pieces[20])
     with pytest.raises(StreamClosed, match="interrupted"):
         s.finish()
     wait_for(lambda: client.status(s.utterance_id)["state"] == "interrupted", 20, what="the stream to be interrupted")
     fresh = client.say("st-i", "A fresh start.")
-    assert client.wait(fresh, timeout=20)["state"] in ("sent", "spoken")
+    rec = client.wait(fresh, timeout=20)
+    assert rec["state"] in ("sent", "spoken"), (rec, client.conversation("st-i"))
 
     messages = wire(redis_client, "st-room-i")
     cut_at = next(i for i, m in enumerate(messages) if m["event_type"] == "conversation.interrupt")

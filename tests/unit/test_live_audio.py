@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +88,22 @@ def test_undecodable_pieces_fail_with_a_clear_error() -> None:
             conv.flush()
     finally:
         conv.close()
+
+
+def test_an_mp3_is_decoded_while_its_pieces_still_come(tmp_path: Path) -> None:
+    mp3 = tmp_path / "t.mp3"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=3",
+                    "-ar", "44100", "-ac", "2", str(mp3)], check=True)
+    data = mp3.read_bytes()
+    conv = EncodedPieces(24000, 1920)
+    try:
+        got = b"".join(conv.feed(p) for p in cut(data[: len(data) // 3], [2000]))
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:  # ffmpeg answers on its own schedule
+            time.sleep(0.01)
+            got += conv.ready()
+        assert got, "no audio while the first third of the mp3 was in"
+        got += b"".join(conv.feed(p) for p in cut(data[len(data) // 3 :], [2000])) + conv.flush()
+    finally:
+        conv.close()
+    assert abs(len(got) / 48000 - 3.0) < 0.1  # all of it: 3 s at 24 kHz
