@@ -56,6 +56,7 @@ class Session:
         self.lock = threading.Lock()
         self.pending = threading.Event()
         self.draining = False
+        self.unanswered = 0  # supervisor scans that found a backlog and nobody draining it
         self.replica_ready = False
         self.stopped = False
         self.renewed_at = time.monotonic() if taken_at is None else taken_at
@@ -255,6 +256,12 @@ class SessionManager:
             self.drop(cid, "lease lost", release=False)
             return 0
 
+    def _drain_here(self, cid: str) -> None:
+        try:
+            self.drain(cid)
+        except (EchoqError, redis.RedisError) as exc:  # the backlog stays; the next scan tries again
+            log.warning("drain of %s from the supervisor stopped: %s", cid, exc)
+
     def close(self, cid: str) -> None:
         """Send what is left, then leave and mark the conversation closed."""
         if self.store.backlog(cid):
@@ -299,7 +306,17 @@ class SessionManager:
             if conv.get("state") == "closing" and backlog == 0 and not session.draining:
                 self._close_now(cid)
             elif backlog and not session.draining and not self.shutting_down:
-                self.ring(cid)
+                session.unanswered += 1
+                if session.unanswered >= 3:
+                    # three rings and nobody drained: the broker is away or Celery is still
+                    # reconnecting to it (its back-off grows to many seconds after a Redis
+                    # restart); Redis answers again, so drain from here rather than wait
+                    session.unanswered = 0
+                    self._pool.submit(self._drain_here, cid)
+                else:
+                    self.ring(cid)
+            else:
+                session.unanswered = 0
         self.redis.hset(keys.WORKERS, self.hostname, json.dumps(
             {"sessions": sorted(self.sessions), "ts": time.time(), "max_sessions": s.max_sessions}))
         if self.shutting_down or len(self.sessions) >= s.max_sessions:

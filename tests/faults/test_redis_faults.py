@@ -57,10 +57,12 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
     expected = _enqueue(rig)
     wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
     rig.redis.shutdown()  # SHUTDOWN: the AOF is written, then Redis exits
+    down_at = time.monotonic()
     with pytest.raises(BackendUnavailable, match="unreachable"):
         rig.client.say("conv-r0", "while Redis is down")
-    time.sleep(outage_s)  # the injected fault is an outage of this length
+    time.sleep(max(0.0, outage_s - (time.monotonic() - down_at)))  # the injected fault: an outage this long
     rig.redis.start()
+    outage = time.monotonic() - down_at
     back_at = time.time()
     assert all(p.proc.poll() is None for p in procs), "a worker died while Redis was down"
     late = rig.client.say("conv-r0", "after the restart", utterance_id="late")
@@ -70,6 +72,7 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
 
     verdict = _verdict(rig, expected)
     figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
+                   outage_s=round(outage, 1),
                    resumed_after_s=_resumed_after(rig, back_at),
                    **verdict.figures())
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,
