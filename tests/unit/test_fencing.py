@@ -81,3 +81,29 @@ def test_the_rate_cap_spaces_every_message_kind() -> None:
     pacer = sender.Pacer(Settings(max_messages_per_second=10))
     pacer.sent()
     assert pacer.message_due() == pytest.approx(pacer._last + 0.1)
+
+
+class _Store:
+    """Just enough of a store for a sender that waits and looks for interrupts."""
+
+    def cursor(self, conversation_id: str) -> Any:
+        from worker.store import Cursor
+
+        return Cursor(0, 0, 0)
+
+    def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
+        return 0, 0
+
+
+def test_a_wake_up_is_seen_once_and_cleared_so_later_waits_still_pace() -> None:
+    wake = threading.Event()
+    stop = [False]
+    s = sender.Sender("c", store=_Store(), transport=None, settings=Settings(), token="t",  # type: ignore[arg-type]
+                      wake=wake, stopping=lambda: stop[0])
+    wake.set()  # an interrupt task woke the sender, but no interrupt is pending
+    s._wait_until(sender.time.monotonic() + 0.01)
+    assert not wake.is_set()  # left set, every later wait would return at once: a burst
+    stop[0] = True
+    wake.set()
+    with pytest.raises(sender.Stopping):  # a stop ends the wait at a message boundary
+        s._wait_until(sender.time.monotonic() + 5)
