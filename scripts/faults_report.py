@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 COLUMNS = ("fault", "workers", "utterances", "chunks", "lost", "repeated", "reordered", "interleaved", "from_resumed",
-           "outage_s", "recovery_s", "resumed_after_s", "test")
+           "outage_s", "recovery_s", "resumed_after_s", "note", "test")
 
 
 def run_suite(extra: list[str]) -> tuple[list[dict[str, Any]], int, float]:

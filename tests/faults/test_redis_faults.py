@@ -86,7 +86,7 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
 
     verdict = _verdict(rig, expected)
     figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
-                   outage_s=round(outage, 1),
+                   outage_s=round(outage, 1), note="workers stayed up; producers got BackendUnavailable meanwhile",
                    resumed_after_s=_resumed_after(rig, back_at),
                    **verdict.figures())
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import Rig
-from tests.faults.judge import expected_chunks, ffmpeg_file, judge, noise_wav, sent
+from tests.faults.judge import Verdict, expected_chunks, ffmpeg_file, judge, noise_wav, sent
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
 
@@ -34,13 +34,13 @@ def test_half_of_all_sends_failing_and_dropped_connections_lose_and_repeat_nothi
             assert rig.client.wait(uid, timeout=90)["state"] in DELIVERED
     log = rig.workers.started[0].log()
     assert "SendFailed" in log and "RoomDisconnected" in log and "rejoined" in log  # the faults did happen
+    verdict = Verdict()
     for room, items in expected.items():
-        verdict = judge(sent(rig.client_redis, room), items)
-        figures.setdefault("rooms", []).append(room)
-        figures.update(fault="50% of sends fail" + (", connection dropped every 3 messages" if room == "rd" else ""),
-                       workers=1, retries=log.count("send.retry"), **verdict.figures())
-        assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,
-                verdict.bad_ends) == (0, 0, 0, 0, 0, 0), verdict.problems
+        verdict.add(judge(sent(rig.client_redis, room), items))
+    figures.update(fault="50% of sends fail (2 rooms; one also drops its connection every 3 messages)", workers=1,
+                   note=f"{log.count('send.retry')} send retries, {log.count('rejoined')} rejoins", **verdict.figures())
+    assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,
+            verdict.bad_ends) == (0, 0, 0, 0, 0, 0), verdict.problems
 
 
 def _overlong_mp3(tmp: Path) -> Path:
@@ -96,7 +96,8 @@ def test_an_utterance_failing_mid_stream_is_cut_with_an_interrupt_and_the_next_o
     assert "bad" not in kinds[cut_at:]
     assert not any(s.message["properties"].get("done") for s in stream[:cut_at])
     verdict = judge(stream, expected, may_cut=frozenset({"bad"}))
-    figures.update(fault=f"audio {case.replace('-', ' ')}", workers=1, sent_before_cut=cut_at, **verdict.figures())
+    figures.update(fault=f"audio {case.replace('-', ' ')}", workers=1, **verdict.figures(),
+                   note=f"{cut_at} chunks, then conversation.interrupt; the next 2 utterances played")
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused) == (0, 0, 0, 0, 0), \
         verdict.problems
     assert rig.simulator.report()["rooms"]["room"]["violations"] == []
@@ -117,5 +118,6 @@ def test_the_rate_cap_holds_for_text_and_interrupts(rig: Rig, figures: dict[str,
     assert [s.message["event_type"] for s in stream].count("conversation.interrupt") == 1
     log = rig.workers.started[0].log()
     figures.update(fault="room allows 10 messages/s, worker capped at 8 (text and interrupt)", workers=1,
-                   messages=len(stream), refused_by_room=log.count("RateLimited"))
+                   utterances=len(ids) + len(fresh), messages=len(stream),
+                   note=f"{log.count('RateLimited')} messages refused by the room for rate")
     assert "RateLimited" not in log
