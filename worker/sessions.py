@@ -121,6 +121,9 @@ class SessionManager:
         self._events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
+        # drains the supervisor starts itself (see _tick); apart from adoption, which they must not
+        # hold up while one waits for a replica
+        self._drains = ThreadPoolExecutor(max_workers=2, thread_name_prefix="echoq-drain")
         self._threads: list[threading.Thread] = []
         self.shutting_down = False
 
@@ -147,6 +150,7 @@ class SessionManager:
             self.drop(cid, "worker shutdown")
         self._events.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._drains.shutdown(wait=False, cancel_futures=True)
         self.redis.hdel(keys.WORKERS, self.hostname)
         step(log, "worker.stopped", worker=self.hostname)
 
@@ -312,7 +316,7 @@ class SessionManager:
                     # reconnecting to it (its back-off grows to many seconds after a Redis
                     # restart); Redis answers again, so drain from here rather than wait
                     session.unanswered = 0
-                    self._pool.submit(self._drain_here, cid)
+                    self._drains.submit(self._drain_here, cid)
                 else:
                     self.ring(cid)
             else:
