@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -38,15 +39,19 @@ def test_kill_9_mid_utterance_repeats_at_most_the_chunk_in_flight(rig: Rig, figu
     owner = rig.workers.owner("conv")
     assert owner is not None
     killed = [owner] if victims == "owner" else procs
+    before = len(sent(rig.client_redis, "room"))
     for w in killed:
         w.proc.kill()
         w.proc.wait(10)
+    killed_at = time.time()
     if victims != "owner":
         rig.start_workers(1, **PACED)
     _delivered(rig, expected)
-    verdict = judge(sent(rig.client_redis, "room"), expected)
+    stream = sent(rig.client_redis, "room")
+    verdict = judge(stream, expected)
+    resumed = next(s.ms / 1000 for s in stream[before:] if not s.origin.startswith(tuple(w.name for w in killed)))
     figures.update(fault=f"kill -9 of {'the owner' if victims == 'owner' else 'both workers, then one fresh worker'}",
-                   workers=2, **verdict.figures())
+                   workers=2, recovery_s=round(resumed - killed_at, 2), **verdict.figures())
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \
         verdict.problems
     assert verdict.repeated <= 1
