@@ -62,6 +62,7 @@ class Session:
         self.lock = threading.Lock()
         self.pending = threading.Event()
         self.draining = False
+        self.unanswered = 0  # supervisor scans that found a backlog and nobody draining it
         self.replica_ready = False
         self.stopped = False
         self.renewed_at = time.monotonic() if taken_at is None else taken_at
@@ -135,6 +136,9 @@ class SessionManager:
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="echoq-adopt")
+        # drains the supervisor starts itself (see _tick); apart from adoption, which they must not
+        # hold up while one waits for a replica
+        self._drains = ThreadPoolExecutor(max_workers=2, thread_name_prefix="echoq-drain")
         self._threads: list[threading.Thread] = []
         self.shutting_down = False
 
@@ -162,6 +166,7 @@ class SessionManager:
             self.drop(cid, "worker shutdown")
         self._events.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._drains.shutdown(wait=False, cancel_futures=True)
         self.redis.hdel(keys.WORKERS, self.hostname)
         step(log, "worker.stopped", worker=self.hostname)
 
@@ -300,6 +305,12 @@ class SessionManager:
             self.drop(cid, "worker stopping" if handing_over else "lease lost", release=handing_over)
             return 0
 
+    def _drain_here(self, cid: str) -> None:
+        try:
+            self.drain(cid)
+        except (EchoqError, redis.RedisError) as exc:  # the backlog stays; the next scan tries again
+            log.warning("drain of %s from the supervisor stopped: %s", cid, exc)
+
     def close(self, cid: str) -> None:
         """Send what is left, then leave and mark the conversation closed."""
         if self.store.backlog(cid):
@@ -349,7 +360,17 @@ class SessionManager:
             if conv.get("state") == "closing" and backlog == 0 and not session.draining:
                 self._close_now(cid)
             elif backlog and not session.draining and not self.shutting_down:
-                self.ring(cid)
+                session.unanswered += 1
+                if session.unanswered >= 3:
+                    # three rings and nobody drained: the broker is away or Celery is still
+                    # reconnecting to it (its back-off grows to many seconds after a Redis
+                    # restart); Redis answers again, so drain from here rather than wait
+                    session.unanswered = 0
+                    self._drains.submit(self._drain_here, cid)
+                else:
+                    self.ring(cid)
+            else:
+                session.unanswered = 0
         # after the renewals above, so that a long log to walk never delays them
         for cid, (closed_at, url) in list(self._closed_at.items()):
             if now - closed_at >= retention.SECOND_PASS_LEASES * s.lease_ttl_s:

@@ -44,6 +44,7 @@ class PrivateRedis:
     dir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    bind: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
@@ -51,7 +52,7 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            ["redis-server", "--port", str(self.port), "--bind", *self.bind.split(), "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no",
              "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

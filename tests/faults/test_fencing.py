@@ -19,9 +19,9 @@ PACED = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"}
 
 def _enqueue(rig: Rig, kind: str) -> list[tuple[str, Any]]:
     if kind == "text":
-        return [(rig.client.say("conv", f"line {i}", utterance_id=f"t{i}"), f"line {i}") for i in range(60)]
+        return [(rig.client.say("conv", f"line {i}", utterance_id=f"t{i}"), f"line {i}") for i in range(40)]
     out: list[tuple[str, Any]] = []
-    for i in range(3):
+    for i in range(2):
         clip = noise_wav(rig.tmp / f"n{i}.wav", 1.6, seed=i)
         out.append((rig.client.play("conv", clip, utterance_id=f"a{i}"), expected_chunks(clip)))
         out.append((rig.client.say("conv", f"between {i}", utterance_id=f"t{i}"), f"between {i}"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -23,7 +26,7 @@ def _enqueue(rig: Rig) -> dict[str, list[tuple[str, Any]]]:
     for n, room in enumerate(ROOMS):
         rig.client.open(f"conv-{room}", f"loopback://{room}")
         items: list[tuple[str, Any]] = []
-        for i in range(3):
+        for i in range(2):
             clip = noise_wav(rig.tmp / f"{room}-{i}.wav", 1.6, seed=10 * n + i)
             items.append((rig.client.play(f"conv-{room}", clip, utterance_id=f"{room}-a{i}"), expected_chunks(clip)))
             items.append((rig.client.say(f"conv-{room}", f"{room} line {i}", utterance_id=f"{room}-t{i}"), f"{room} line {i}"))
@@ -43,6 +46,12 @@ def _resumed_after(rig: Rig, since: float) -> float:
     return round(min(firsts) - since, 2) if firsts else float("nan")
 
 
+def _cli_say(rig: Rig, text: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "ECHOQ_REDIS_URL": rig.redis.url}
+    return subprocess.run([sys.executable, "-m", "producer.cli", "say", "conv-r0", text, *args], env=env,
+                          capture_output=True, timeout=60)
+
+
 def _verdict(rig: Rig, expected: dict[str, list[tuple[str, Any]]]) -> Verdict:
     total = Verdict()
     for room, items in expected.items():
@@ -57,19 +66,27 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
     expected = _enqueue(rig)
     wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
     rig.redis.shutdown()  # SHUTDOWN: the AOF is written, then Redis exits
+    down_at = time.monotonic()
     with pytest.raises(BackendUnavailable, match="unreachable"):
         rig.client.say("conv-r0", "while Redis is down")
-    time.sleep(outage_s)  # the injected fault is an outage of this length
+    if workers == 1:  # the command line says so too, with its own exit status
+        assert _cli_say(rig, "while Redis is down").returncode == 5
+    time.sleep(max(0.0, outage_s - (time.monotonic() - down_at)))  # the injected fault: an outage this long
     rig.redis.start()
+    outage = time.monotonic() - down_at
     back_at = time.time()
     assert all(p.proc.poll() is None for p in procs), "a worker died while Redis was down"
     late = rig.client.say("conv-r0", "after the restart", utterance_id="late")
     expected["r0"].append((late, "after the restart"))
+    if workers == 1:
+        assert _cli_say(rig, "from the command line", "--id", "cli").returncode == 0
+        expected["r0"].append(("cli", "from the command line"))
     _all_delivered(rig, expected)
     assert all(p.proc.poll() is None for p in procs), "a worker died after Redis came back"
 
     verdict = _verdict(rig, expected)
     figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
+                   outage_s=round(outage, 1), note="workers stayed up; producers got BackendUnavailable meanwhile",
                    resumed_after_s=_resumed_after(rig, back_at),
                    **verdict.figures())
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,

@@ -65,6 +65,30 @@ def test_cursor_moves_only_for_the_lease_holder(redis_client: redis.Redis) -> No
     assert store.lease_owner("c") is None
 
 
+def test_a_lapsed_lease_comes_back_to_its_holder_only_if_nobody_took_it_since(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://r")
+    epoch = store.take_lease("c", "me", 5)
+    assert epoch >= 1
+    redis_client.delete(keys.lease("c"))  # ran out while Redis was away
+    assert store.renew_lease("c", "me", 5, epoch) and store.lease_owner("c") == "me"
+    assert redis_client.pttl(keys.lease("c")) > 0
+    redis_client.delete(keys.lease("c"))
+    assert store.advance("c", "me", 0, 2, epoch=epoch, ttl_s=5) == 0  # a cursor move takes it back too
+    assert store.lease_owner("c") == "me"
+    redis_client.delete(keys.lease("c"))
+    assert store.advance("c", "me", 0, 3) is None  # without the epoch: no
+    other = store.take_lease("c", "you", 5)  # someone else took it in between
+    assert other == epoch + 1
+    redis_client.delete(keys.lease("c"))
+    assert not store.renew_lease("c", "me", 5, epoch)
+    assert store.advance("c", "me", 0, 4, epoch=epoch, ttl_s=5) is None
+    assert store.cursor("c").chunk == 2
+    assert store.renew_lease("c", "you", 5, other)
+    assert store.release_lease("c", "you")  # a release moves the epoch on: no taking back after it
+    assert not store.renew_lease("c", "you", 5, other) and store.lease_owner("c") is None
+
+
 def test_interrupt_cancels_queued_entries_only_and_bumps_the_generation(redis_client: redis.Redis) -> None:
     store = Store(redis_client)
     store.open_conversation("c", "loopback://r")
@@ -91,6 +115,27 @@ def test_loopback_sends_exactly_the_app_message_as_json(redis_client: redis.Redi
     assert raw == echo.encode(msg)
     assert redis_client.sismember(keys.LOOPBACK_ROOMS, "room")
     t.leave()
+
+
+def test_a_loopback_send_retried_after_its_reply_was_lost_is_in_the_room_once(redis_client: redis.Redis) -> None:
+    room = LoopbackTransport("loopback://once?replica=0", redis_client=redis_client)
+    room.join(1)
+    real = room._append
+    lost = [True]
+
+    def append_then_lose_the_reply(**kwargs: Any) -> Any:
+        real(**kwargs)  # Redis ran it ...
+        if lost.pop() if lost else False:
+            raise redis.TimeoutError("Timeout reading from socket")  # ... but the answer never came
+        return 1
+
+    room._append = append_then_lose_the_reply  # type: ignore[assignment]
+    first, second = echo.interrupt("c"), echo.interrupt("c")
+    with pytest.raises(SendFailed):
+        room.send(first)
+    room.send(first)  # the sender's retry of the same message
+    room.send(second)  # a new message, equal in content: it goes in
+    assert len(wire(redis_client, "once")) == 2
 
 
 def test_loopback_faults(redis_client: redis.Redis) -> None:

@@ -103,13 +103,17 @@ class MemoryStore:
         rec.update(state=rec.get("replica_outcome", "sent"), chunks_sent=messages, chunks_total=messages)
         return str(rec["state"])
 
-    def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None) -> int | None:
+    def advance(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None, *,
+                epoch: int | None = None, ttl_s: float | None = None) -> int | None:
         if token != self.lease:
             return None
         self.seq, self.chunk = seq, chunk
         if gen is not None:
             self.gen = gen
         return self.interrupt_gen
+
+    def renew_lease(self, conversation_id: str, token: str, ttl_s: float, epoch: int | None = None) -> bool:
+        return token == self.lease
 
     def blob(self, utterance_id: str) -> bytes | None:
         return self.blobs.get(utterance_id)

@@ -1,0 +1,109 @@
+"""The send fence, the patience with Redis, and the pacer's clock: pure, no services."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from worker import sender
+from worker.fencing import Fence, until_redis_answers
+from worker.settings import Settings
+
+
+class Clock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_fence_closes_the_margin_before_the_lease_runs_out_and_never_moves_back() -> None:
+    clock = Clock(100.0)
+    fence = Fence(ttl_s=10.0, margin_s=2.5, clock=clock)
+    assert not fence.is_open()  # never renewed: closed
+    fence.renewed(100.0)
+    clock.now = 107.49
+    assert fence.is_open()
+    clock.now = 107.5
+    assert not fence.is_open() and fence.remaining() == 0.0
+    fence.renewed(99.0)  # a late answer to an older request
+    assert not fence.is_open()
+    fence.renewed(107.0)
+    assert fence.is_open() and fence.remaining() == pytest.approx(7.0)
+
+
+def test_the_margin_defaults_to_a_quarter_of_the_ttl_and_must_leave_room_for_renewals() -> None:
+    assert Settings(lease_ttl_s=10).lease_margin_s == 2.5
+    assert Settings(lease_ttl_s=2, scan_interval_s=0.25, lease_safety_margin_s=1.0).lease_margin_s == 1.0
+    with pytest.raises(ValidationError, match="lease_safety_margin_s"):
+        Settings(lease_ttl_s=10, lease_safety_margin_s=6)
+
+
+def test_bookkeeping_waits_for_redis_and_gives_up_only_when_told() -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("down")
+        return "recorded"
+
+    wake = threading.Event()
+    assert until_redis_answers(flaky, what="cursor", conversation="c", wake=wake, give_up=lambda: False,
+                               max_delay_s=0.01) == "recorded"
+    assert len(calls) == 3
+
+    def down() -> None:
+        raise redis.ConnectionError("down")
+
+    with pytest.raises(redis.ConnectionError):
+        until_redis_answers(down, what="cursor", conversation="c", wake=wake, give_up=lambda: True, max_delay_s=0.01)
+
+
+def test_real_time_pacing_starts_its_clock_again_instead_of_bursting_after_a_stall(monkeypatch: Any) -> None:
+    clock = Clock(50.0)
+    monkeypatch.setattr(sender.time, "monotonic", clock)
+    pacer = sender.Pacer(Settings(pacing="realtime"))
+    pacer.start_utterance()
+    assert pacer.audio_due(0.04) == pytest.approx(49.96)  # the first chunk goes at once
+    assert pacer.audio_due(0.04) == pytest.approx(50.0)  # then one chunk ahead of playback
+    clock.now = 60.0  # ten seconds stalled (a Redis outage, a retry loop)
+    assert pacer.audio_due(0.04) == 60.0  # due now, not ten seconds ago
+    assert pacer.audio_due(0.04) == pytest.approx(60.04)  # and paced from here on, not a burst
+
+
+def test_the_rate_cap_spaces_every_message_kind() -> None:
+    pacer = sender.Pacer(Settings(max_messages_per_second=10))
+    pacer.sent()
+    assert pacer.message_due() == pytest.approx(pacer._last + 0.1)
+
+
+class _Store:
+    """Just enough of a store for a sender that waits and looks for interrupts."""
+
+    def cursor(self, conversation_id: str) -> Any:
+        from worker.store import Cursor
+
+        return Cursor(0, 0, 0)
+
+    def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
+        return 0, 0
+
+
+def test_a_wake_up_is_seen_once_and_cleared_so_later_waits_still_pace() -> None:
+    wake = threading.Event()
+    stop = [False]
+    s = sender.Sender("c", store=_Store(), transport=None, settings=Settings(), token="t",  # type: ignore[arg-type]
+                      wake=wake, stopping=lambda: stop[0])
+    wake.set()  # an interrupt task woke the sender, but no interrupt is pending
+    s._wait_until(sender.time.monotonic() + 0.01)
+    assert not wake.is_set()  # left set, every later wait would return at once: a burst
+    stop[0] = True
+    wake.set()
+    with pytest.raises(sender.Stopping):  # a stop ends the wait at a message boundary
+        s._wait_until(sender.time.monotonic() + 5)
