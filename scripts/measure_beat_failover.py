@@ -1,9 +1,10 @@
 """Scheduler failover: how long schedules stay silent when the active ``echoq beat`` dies or stops.
 
 Starts a private redis-server on a free loopback port and two ``echoq beat`` processes with the
-settings of the environment (the defaults unless ECHOQ_BEAT_* are set). The active beat
-publishes the script pump every second into ``echoq.control``, which nothing consumes here, so
-each publish is one more message in that list. Each round stops the active beat — ``kill -9``
+settings of the environment (the defaults unless ECHOQ_BEAT_* are set). A RedBeat entry of its
+own fires every second (beat publishes the script pump only when a run is overdue, so the pump
+cannot be the clock here); the active beat publishes it into ``echoq.control``, which nothing
+consumes here, so each publish is one more message in that list. Each round stops the active beat — ``kill -9``
 (its lock stays until it times out) or SIGTERM (it releases the lock) — and measures the time
 from the signal to the standby's first publish; a fresh standby is then started for the next
 round. Prints every round and the largest gap of each kind.
@@ -47,6 +48,21 @@ class Beat:
         return "beat: Starting" in self.log()
 
 
+def tick_every_second(url: str) -> None:
+    """A RedBeat entry firing every second into the control queue: the clock the rounds watch."""
+    from celery import Celery
+    from celery.schedules import schedule
+    from redbeat import RedBeatSchedulerEntry
+
+    from producer.scripting.beat import configure_redbeat
+    from worker import keys
+
+    app = Celery("failover-measure", broker=url)
+    configure_redbeat(app, url)
+    RedBeatSchedulerEntry("failover-tick", "echoq.failover.tick", schedule(1.0), app=app,
+                          options={"queue": keys.CONTROL_QUEUE, "expires": 30}).save()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each kind (kill -9, SIGTERM)")
@@ -61,6 +77,7 @@ def measure(args: argparse.Namespace, url: str, tmp: Path) -> int:
 
     beats: list[Beat] = []
     settings = Settings(redis_url=url)
+    tick_every_second(url)
     try:
         r = redis.Redis.from_url(url)
         env = {**os.environ, "ECHOQ_REDIS_URL": url, "ECHOQ_LOG_LEVEL": "INFO"}
