@@ -256,9 +256,10 @@ def chunks_of(streams: StreamStore, entry: dict[str, Any], *, chunk_ms: int, end
 def deliver(sender: Sender, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
     """Send a stream through ``sender`` from chunk ``first_chunk``; returns how many chunks it had.
 
-    Interrupts stop it between any two messages and while it waits for a piece; a failure after
-    the first message (a cut, undecodable pieces) is announced with ``conversation.interrupt``
-    so the next utterance does not run on from a half-sent one.
+    Interrupts stop it between any two messages and while it waits for a piece. A failure (a cut,
+    undecodable pieces) is raised as the :class:`AudioError` it is: the sender fails the
+    utterance and, when its first message is in the room already, announces
+    ``conversation.interrupt`` once, as for any utterance that fails part-way.
     """
     s = sender.settings
     uid, cid = entry["utterance_id"], sender.cid
@@ -287,8 +288,6 @@ def deliver(sender: Sender, entry: dict[str, Any], first_chunk: int, progress: P
     except (Interrupted, LeaseLost):
         raise
     except AudioError as exc:
-        if sent[0]:
-            sender._announce_interrupt()
         if not isinstance(exc, StreamCut):
             sender.store.update_utterance(uid, stream_state="failed")
         raise
