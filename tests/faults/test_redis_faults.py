@@ -59,6 +59,11 @@ def _verdict(rig: Rig, expected: dict[str, list[tuple[str, Any]]]) -> Verdict:
     return total
 
 
+def _dead_logs(procs: list[Any]) -> str:
+    """The exit status and the last lines of each worker that exited: why it died."""
+    return "\n".join(f"{p.name} exited {p.proc.returncode}:\n{p.log()[-3000:]}" for p in procs if p.proc.poll() is not None)
+
+
 @pytest.mark.parametrize(("outage_s", "workers"), [(3, 1), (3, 2), (12, 2)])
 def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures: dict[str, Any], outage_s: int,
                                                                workers: int) -> None:
@@ -75,14 +80,14 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
     rig.redis.start()
     outage = time.monotonic() - down_at
     back_at = time.time()
-    assert all(p.proc.poll() is None for p in procs), "a worker died while Redis was down"
+    assert all(p.proc.poll() is None for p in procs), f"a worker died while Redis was down:\n{_dead_logs(procs)}"
     late = rig.client.say("conv-r0", "after the restart", utterance_id="late")
     expected["r0"].append((late, "after the restart"))
     if workers == 1:
         assert _cli_say(rig, "from the command line", "--id", "cli").returncode == 0
         expected["r0"].append(("cli", "from the command line"))
     _all_delivered(rig, expected)
-    assert all(p.proc.poll() is None for p in procs), "a worker died after Redis came back"
+    assert all(p.proc.poll() is None for p in procs), f"a worker died after Redis came back:\n{_dead_logs(procs)}"
 
     verdict = _verdict(rig, expected)
     figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
