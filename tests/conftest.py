@@ -1,9 +1,9 @@
 """Shared fixtures.
 
 Tests that need Redis use a dedicated database (``ECHOQ_TEST_REDIS_URL``, default
-``redis://127.0.0.1:6379/15``), flushed before and after each test. Locally they skip when
-Redis does not answer; under CI (``CI=true``) they fail instead, so a missing Redis can never
-turn into a green run.
+``redis://127.0.0.1:6379/15``; parallel workers take the databases below it), flushed before
+and after each test. Locally they skip when Redis does not answer; under CI (``CI=true``) they
+fail instead, so a missing Redis can never turn into a green run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,19 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-TEST_REDIS_URL = os.environ.get("ECHOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+def _test_redis_url() -> str:
+    """``ECHOQ_TEST_REDIS_URL`` (default database 15). Run in parallel (pytest-xdist), worker
+    ``gwN`` takes the database N below it, so parallel tests never flush each other's keys."""
+    base = os.environ.get("ECHOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or worker == "gw0":
+        return base
+    head, _, db = base.rpartition("/")
+    return f"{head}/{int(db or 0) - int(worker[2:])}"
+
+
+TEST_REDIS_URL = _test_redis_url()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Everything this test process (and every worker it starts) does goes to the test database,
