@@ -1,5 +1,6 @@
 """Tavus's conversation id at the HTTP API: opening with it (and a private room's meeting token),
-and the quickstart body that names Tavus's id finding the echoq conversation sent under it."""
+the quickstart body that names Tavus's id finding the echoq conversation sent under it, text for
+Tavus under the text rule, and a schedule's audio URL judged before the schedule is stored."""
 
 from __future__ import annotations
 
@@ -167,3 +168,14 @@ def test_the_quickstart_body_with_tavus_id_reaches_the_conversation_opened_under
     assert api.http.post("/v1/conversations/ours/close").status_code == 202
     r = api.http.post("/send_text_message", json={**base, "properties": {"modality": "text", "text": "late"}})
     assert r.status_code == 404 and "'ours'" in r.json()["detail"]
+
+
+def test_a_schedule_whose_audio_url_is_internal_is_refused_before_it_is_stored(
+    start_api: Callable[..., Api], redis_client: redis.Redis
+) -> None:
+    api = start_api()
+    script = {"conversation": "c", "lines": [{"text": "hi"}, {"audio": "http://169.254.169.254/latest/meta-data"}]}
+    r = api.http.post("/v1/schedules", json={"script": script, "every": "1h"})
+    assert field_of(r) == ["body", "script", "lines", 1, "audio"], r.text
+    assert "a link-local address" in r.json()["detail"][0]["msg"]
+    assert not redis_client.keys("echoq:schedule*")
