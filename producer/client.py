@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker import audio, capacity, echo, keys, retention, sealing
+from worker import audio, capacity, echo, keys, retention, sealing, wire_ids
 from worker.errors import (
     AudioError,
     BackendUnavailable,
@@ -103,6 +103,7 @@ class EchoqClient:
                     f"close it before opening it on {room_label(room_url)}")
             # set before the conversation opens, so a worker never adopts it with stale fields
             self.store.set_conversation_fields(conversation_id, **fields)
+            wire_ids.point(self.redis, conversation_id, fields["wire_id"], (current or {}).get("wire_id"))
             if sealed is None:
                 self.redis.hdel(keys.conversation(conversation_id), SEALED_TOKEN_FIELD)
             else:
@@ -129,6 +130,14 @@ class EchoqClient:
             raise InvalidInput(f"the Tavus conversation id {tavus_id!r} does not match the room URL, "
                                f"which names {from_url!r}")
         return tavus_id or from_url or conversation_id
+
+    def by_wire_id(self, given: str) -> str:
+        """The echoq conversation id for ``given``, which may be Tavus's conversation id (the wire
+        id) of a conversation echoq knows by another id; ``given`` itself when it names an open
+        conversation, or when nothing is known under it."""
+        _check_id(given)
+        with _backend():
+            return wire_ids.resolve(self.redis, given)
 
     def close(self, conversation_id: str) -> None:
         """Stop taking utterances; the owner sends what is left, then leaves the room."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -28,11 +29,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from worker.errors import AudioError, UnsafeURL
 
-__all__ = ["AllowList", "fetch", "refusal", "redact"]
+__all__ = ["AllowList", "check", "fetch", "refusal", "redact"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,6 +41,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_REDIRECTS = 5
 _REDIRECTS = (301, 302, 303, 307, 308)
 _PIECE = 64 * 1024
+#: what no HTTP request line can carry (http.client would refuse it mid-fetch)
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,34 @@ def fetch(url: str, *, max_bytes: int, deadline_s: float, allow: AllowList | Non
     raise UnsafeURL(f"fetching {redact(url)} was redirected more than {max_redirects} times")
 
 
-def _request(url: str, allow: AllowList, deadline: float,
-             deadline_s: float) -> tuple[_PinnedConnection, http.client.HTTPResponse]:
+def check(url: str, *, allow: AllowList | None = None, resolve: bool = True, deadline_s: float = 5.0) -> None:
+    """Refuse ``url`` as :func:`fetch` would before sending anything, without fetching it.
+
+    Its form (http or https, a host, a valid port, no spaces or control characters) and, when the
+    host is an address, that address are always checked; a host name is resolved and its
+    addresses checked when ``resolve`` is true. A name that does not resolve (here and now) is
+    not refused: the fetch, where and when it runs, says so."""
+    allow = allow or AllowList()
+    scheme, host, port, parts = _split(url)
+    try:
+        literal = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        literal = None
+    if literal is None and not resolve:
+        return
+    deadline = time.monotonic() + deadline_s
+    try:
+        _checked_addresses(url, host, port, allow, deadline, deadline_s)
+    except UnsafeURL:
+        raise
+    except AudioError:
+        return
+
+
+def _split(url: str) -> tuple[str, str, int, SplitResult]:
+    """Scheme, host, port and parts of a URL echoq may fetch; :class:`UnsafeURL` saying why not."""
+    if _UNSENDABLE.search(url):
+        raise UnsafeURL(f"not a URL echoq can fetch: {redact(url)} contains a space or a control character")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -135,7 +164,12 @@ def _request(url: str, allow: AllowList, deadline: float,
         raise UnsafeURL(f"refused to fetch {redact(url)}: only http and https URLs are fetched, not {scheme or 'none'}:")
     if not host:
         raise UnsafeURL(f"refused to fetch {redact(url)}: it has no host")
-    port = port or (443 if scheme == "https" else 80)
+    return scheme, host, port or (443 if scheme == "https" else 80), parts
+
+
+def _request(url: str, allow: AllowList, deadline: float,
+             deadline_s: float) -> tuple[_PinnedConnection, http.client.HTTPResponse]:
+    scheme, host, port, parts = _split(url)
     addresses = _checked_addresses(url, host, port, allow, deadline, deadline_s)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     conn = _PinnedConnection(scheme, host, port, addresses, _remaining(deadline, deadline_s, url))

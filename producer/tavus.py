@@ -51,6 +51,7 @@ from pydantic import SecretStr
 
 from worker.errors import ConfigError, EchoqError, PermanentError, RetryableError
 from worker.logs import step
+from worker.text import check_text
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -237,6 +238,7 @@ class TavusClient:
         ``layers``, ...) are passed through as they are."""
         if not name or not name.strip():
             raise ValueError("persona name must not be empty")
+        check_text(name, "persona_name")  # InvalidInput naming the character, before any request
         body: dict[str, Any] = {**extra, "persona_name": name, "pipeline_mode": "echo"}
         if system_prompt is not None:
             body["system_prompt"] = system_prompt
@@ -277,9 +279,15 @@ class TavusClient:
         ``require_auth`` makes the room private: the answer then carries a ``meeting_token``, a
         secret needed to join. ``test_mode`` (no replica joins, nothing billed), ``audio_only``,
         ``custom_greeting`` and ``conversational_context`` are sent as Tavus names them; None
-        leaves a field out."""
+        leaves a field out. Text that breaks echoq's text rule (:mod:`worker.text`) is
+        :class:`~worker.errors.InvalidInput` naming the field, and nothing is sent."""
         if not persona_id or not persona_id.strip():
             raise ValueError("persona_id must not be empty")
+        texts = {"conversation_name": conversation_name, "custom_greeting": custom_greeting,
+                 "conversational_context": conversational_context}
+        for field, value in texts.items():
+            if value is not None:
+                check_text(value, field)
         body: dict[str, Any] = {"persona_id": persona_id}
         if replica_id is not None:
             body["replica_id"] = replica_id

@@ -51,6 +51,12 @@ def conv_events(conversation_id: str) -> str:
     return f"{PREFIX}:conv:{conversation_id}:events"
 
 
+def wire(wire_id: str) -> str:
+    """String: a Tavus conversation id (the wire id) -> the echoq conversation id that sends under it,
+    kept only when the two differ."""
+    return f"{PREFIX}:wire:{wire_id}"
+
+
 def lease(conversation_id: str) -> str:
     """String: the owner's token, with a TTL."""
     return f"{PREFIX}:lease:{conversation_id}"

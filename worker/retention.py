@@ -1,6 +1,7 @@
 """Bounded Redis memory: a closed conversation's keys expire after ``ECHOQ_RETENTION_S``.
 
-A conversation leaves behind its record, log, cursor and event stream, one record, one
+A conversation leaves behind its record, log, cursor and event stream, its wire-id index key
+(:mod:`worker.wire_ids`, when Tavus's id differs from echoq's), one record, one
 inference mapping and perhaps one audio blob per utterance, its queue's routing tables, and (for
 loopback rooms) the room's streams. Once it is closed, all of them get a TTL of the retention setting, so ``echoq show``
 and ``echoq status`` keep answering for a while and then the memory is given back. Doorbells
@@ -28,6 +29,7 @@ import redis
 
 from . import keys
 from .store import text
+from .wire_ids import index_key
 
 #: the second pass over a closed conversation's keys comes this many lease TTLs after the close
 SECOND_PASS_LEASES = 2
@@ -89,11 +91,12 @@ def expire_conversation(client: redis.Redis, conversation_id: str, retention_s: 
     """Give every key of a closed conversation a TTL of at most ``retention_s`` and delete its
     leftover doorbells; returns how many keys now expire (0 when it was reopened). ``url`` is the
     room's, for a pass that may come after the record itself has expired."""
-    reply: Any = client.hmget(keys.conversation(conversation_id), ["state", "url"])
-    state, stored_url = (text(v) if v is not None else None for v in reply)
+    reply: Any = client.hmget(keys.conversation(conversation_id), ["state", "url", "wire_id"])
+    state, stored_url, wire_id = (text(v) if v is not None else None for v in reply)
     if state is not None and state != "closed":
         return 0
     names = conversation_keys(conversation_id) + binding_keys(conversation_id) + room_keys(stored_url or url)
+    names += index_key(client, conversation_id, wire_id)
     names += _utterance_keys(client, conversation_id)
     pipe = client.pipeline(transaction=False)
     for name in names:

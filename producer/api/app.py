@@ -297,7 +297,9 @@ def create_app(
         interrupt interrupts. The caller's `inference_id`, when given, is used on the wire.
         Audio with `done` false streams: every request with the same `inference_id` appends to
         one utterance, which is spoken as it arrives, and the one with `done` true finishes it."""
-        cid = message.conversation_id
+        with mapped(("body", "conversation_id")):
+            # Tavus's quickstart names Tavus's conversation id, which may not be echoq's
+            cid = echoq.by_wire_id(message.conversation_id)
         if message.event_type == "conversation.interrupt":
             with mapped():
                 cancelled = echoq.interrupt(cid)
@@ -348,7 +350,9 @@ def create_app(
             try:
                 with make_tavus() as tavus:
                     created = tavus.create_conversation(body.persona_id, replica_id=body.replica_id,
-                                                        conversation_name=body.conversation_name)
+                                                        conversation_name=body.conversation_name,
+                                                        custom_greeting=body.custom_greeting,
+                                                        conversational_context=body.conversational_context)
             except (TavusConfigError, TavusHTTPError) as exc:
                 raise _tavus_error(exc, created=True) from exc
             cid, url = str(created.get("conversation_id") or ""), str(created.get("conversation_url") or "")
@@ -358,9 +362,14 @@ def create_app(
         else:
             cid, url = str(body.conversation_id), str(body.url)
         try:
-            with mapped(("body",), {"conversation id": ("body", "conversation_id"), "url": ("body", "url")}):
-                echoq.open(cid, url, mode=body.mode)
+            token = body.meeting_token.get_secret_value() if body.meeting_token is not None else None
+            with mapped(("body",), {"Tavus conversation id": ("body", "tavus_conversation_id"),
+                                    "conversation id": ("body", "conversation_id"), "url": ("body", "url")}):
+                echoq.open(cid, url, mode=body.mode, tavus_conversation_id=body.tavus_conversation_id,
+                           meeting_token=token)
                 conv = echoq.conversation(cid)
+        except ConfigError as exc:  # a token and no ECHOQ_SECRET_KEY to seal it with: nothing was written
+            raise ApiError(503, f"echoq cannot keep a meeting token: {exc}") from exc
         except ApiError as exc:
             if tavus_info is not None and isinstance(exc.detail, str):
                 exc.detail += f" (the conversation was created on Tavus as {cid}: open it with its id and url)"

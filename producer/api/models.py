@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, field_validator, model_validator
 
 from worker import keys
+from worker.text import text_problem
 
 __all__ = [
     "EchoProperties",
@@ -58,7 +59,8 @@ class EchoMessage(BaseModel):
 
     message_type: Literal["conversation"] = "conversation"
     event_type: Literal["conversation.echo", "conversation.interrupt"] = "conversation.echo"
-    conversation_id: str = Field(pattern=_CONV_ID, description="an open echoq conversation")
+    conversation_id: str = Field(pattern=_CONV_ID, description="an open echoq conversation: its echoq id, or Tavus's "
+                                                               "conversation id it was opened with")
     properties: EchoProperties | None = None
 
 
@@ -72,32 +74,59 @@ class SendResult(BaseModel):
     cancelled: int | None = None
 
 
+#: the fields of a conversation opened on a given room, and of one created on Tavus
+_ROOM_FIELDS = ("tavus_conversation_id", "meeting_token")
+_CREATE_FIELDS = ("replica_id", "conversation_name", "custom_greeting", "conversational_context")
+
+
 class ConversationIn(BaseModel):
     """Open a conversation: either its ``conversation_id`` and room ``url``, or a Tavus
     ``persona_id`` for echoq to create the conversation on Tavus first."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"conversation_id": "demo", "url": "loopback://demo-room"},
+        {"conversation_id": "demo", "url": "https://tavus.daily.co/c123", "tavus_conversation_id": "c123"},
         {"persona_id": "p1234567", "conversation_name": "Scripted demo"},
     ]})
 
     conversation_id: str | None = Field(default=None, pattern=_CONV_ID)
     url: str | None = Field(default=None, max_length=2048,
                             description="conversation_url: https://…daily.co/… or loopback://NAME")
+    tavus_conversation_id: str | None = Field(
+        default=None, pattern=_CONV_ID,
+        description="Tavus's conversation id, sent on the wire (default: the last segment of a Daily url); "
+                    "one that contradicts the url is refused")
+    meeting_token: SecretStr | None = Field(
+        default=None, min_length=1, max_length=8192,
+        description="a private room's meeting token: sealed before it is stored, never echoed or logged")
     persona_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^\S+$")
     replica_id: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^\S+$")
     conversation_name: str | None = Field(default=None, max_length=500)
+    custom_greeting: str | None = Field(default=None, max_length=10_000, description="what the replica says first")
+    conversational_context: str | None = Field(default=None, max_length=100_000)
     mode: Literal["echo", "microphone"] = "echo"
+
+    @field_validator("conversation_name", "custom_greeting", "conversational_context")
+    @classmethod
+    def _clean_text(cls, value: str | None) -> str | None:
+        problem = text_problem(value) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_way(self) -> ConversationIn:
         if self.persona_id is not None:
             if self.conversation_id is not None or self.url is not None:
                 raise ValueError("give either persona_id (create on Tavus) or conversation_id and url, not both")
+            given = [n for n in _ROOM_FIELDS if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only go with conversation_id and url "
+                                 "(a conversation echoq creates on Tavus has its own)")
         elif self.conversation_id is None or self.url is None:
             raise ValueError("conversation_id and url are both required (or persona_id to create on Tavus)")
-        elif self.replica_id is not None or self.conversation_name is not None:
-            raise ValueError("replica_id and conversation_name only go with persona_id")
+        elif any(getattr(self, n) is not None for n in _CREATE_FIELDS):
+            raise ValueError(f"{', '.join(_CREATE_FIELDS)} only go with persona_id")
         return self
 
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from worker.errors import ConfigError, PermanentError, RetryableError
+from worker.errors import ConfigError, InvalidInput, PermanentError, RetryableError
 from worker.settings import get_settings
 
 from ..tavus import TavusClient, TavusConfigError, TavusError
@@ -227,6 +227,8 @@ def _guarded(func: Handler) -> Handler:
         try:
             return func(args)
         except (TavusConfigError, ConfigError) as exc:  # no key, or no ECHOQ_SECRET_KEY for --private
+            return _usage(str(exc))
+        except InvalidInput as exc:  # text that breaks the text rule, refused before any request
             return _usage(str(exc))
         except RetryableError as exc:
             print(f"echoq tavus: {exc}", file=sys.stderr)

@@ -23,7 +23,8 @@ followed by an ``at`` line cannot have a ``pause`` (the offset decides).
 
 Everything is checked up front: :func:`parse_script` raises one :class:`ScriptError` listing
 every problem, each naming the script line (1-based) and the field, plus the source file line
-for YAML.
+for YAML. An audio URL is checked as the fetch policy would check it (:func:`producer.fetch.check`:
+its form, and no internal address unless allowed), without fetching it.
 """
 
 from __future__ import annotations
@@ -295,6 +296,9 @@ def _target(raw: Any, bad: _Problems) -> Target | None:
         if v is not None and (not isinstance(v, str) or not v.strip()):
             bad(None, f"conversation.{key}", "must be a non-empty string")
             ok = False
+        elif key == "name" and v is not None and (problem := text_problem(v)) is not None:
+            bad(None, "conversation.name", problem)  # the conversation_name Tavus is sent
+            ok = False
     props = raw.get("properties") or {}
     if not isinstance(props, dict):
         bad(None, "conversation.properties", "must be a mapping")
@@ -357,6 +361,12 @@ def _audio_ref(n: int, ref: Any, base_dir: Path | None, check: bool, bad: _Probl
         bad(n, "audio", "must be a file path or an http(s) URL")
         return None
     if ref.startswith(("http://", "https://")):
+        # refused now rather than when the line comes up in a run; ``check`` also resolves the host
+        try:
+            _check_url(ref, resolve=check)
+        except InvalidInput as exc:
+            bad(n, "audio", str(exc))
+            return None
         return ref
     if "://" in ref:
         bad(n, "audio", f"only http(s) URLs or file paths, not {ref!r}")
@@ -385,6 +395,17 @@ def _check_timing(lines: list[Line], bad: _Problems) -> None:
 def _check_conversation_id(conversation_id: Any) -> None:
     if not isinstance(conversation_id, str) or not keys.CONVERSATION_ID_RE.match(conversation_id):
         raise InvalidInput(f"conversation id must be 1-128 letters, digits, '.', '_' or '-', not {conversation_id!r}")
+
+
+def _check_url(url: str, *, resolve: bool) -> None:
+    """The fetch policy's refusals that need no fetch (:func:`producer.fetch.check`)."""
+    from worker.settings import get_settings
+
+    from .. import fetch
+
+    settings = get_settings()
+    fetch.check(url, allow=fetch.AllowList.parse(settings.fetch_allow_hosts), resolve=resolve,
+                deadline_s=min(settings.fetch_timeout_s, 5.0))
 
 
 def _max_message_bytes() -> int:

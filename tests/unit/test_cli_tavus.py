@@ -399,3 +399,28 @@ def test_persona_create_with_the_microphone_layers_from_the_setting(
     assert run("persona", "create", "Mic", "--microphone", "--json") == 0
     (request,) = env.requests("POST", "/v2/personas")
     assert request.body["layers"] == {"transport": {"input_settings": {"microphone": "enabled"}}}
+
+
+@pytest.mark.parametrize("argv, field", [
+    (("conversation", "create", "--persona-id", "p1", "--name", "demo\x07"), "conversation_name"),
+    (("conversation", "create", "--persona-id", "p1", "--greeting", "hi\x1b[2J"), "custom_greeting"),
+    (("conversation", "create", "--persona-id", "p1", "--conversation-context", "a\x7fb"), "conversational_context"),
+    (("persona", "create", "Nar\x01rator"), "persona_name"),
+])
+def test_text_that_breaks_the_text_rule_exits_2_before_any_request(
+    env: FakeTavus, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], field: str
+) -> None:
+    assert run(*argv) == 2
+    _out, err = out_err(capsys)
+    assert err.startswith(f"echoq tavus: {field} contains the control character U+") and "index" in err
+    assert env.request_count == 0
+
+
+def test_start_refuses_a_greeting_that_breaks_the_text_rule_before_any_request(
+    env: FakeTavus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli.main import main
+
+    assert main(["start", "--persona", "p1", "--greeting", "hi\x85"]) == 2
+    assert "custom_greeting contains the control character U+0085 at index 2" in capsys.readouterr().err
+    assert env.request_count == 0

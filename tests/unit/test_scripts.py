@@ -143,3 +143,69 @@ def test_slot_ids_are_utc_compact_and_round_trip() -> None:
 def test_bad_timings_are_refused(kwargs: dict) -> None:
     with pytest.raises(InvalidInput):
         parse_timing(**kwargs)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("http://127.0.0.1:6379/a.wav", "127.0.0.1, a loopback address"),
+    ("http://[::1]/a.wav", "::1, a loopback address"),
+    ("http://[::ffff:10.0.0.5]/a.wav", "a private address"),  # IPv4-mapped: judged as the IPv4 address
+    ("http://10.1.2.3/a.wav", "10.1.2.3, a private address"),
+    ("http://169.254.169.254/latest/meta-data", "a link-local address"),
+    ("http://0.0.0.0/a.wav", "0.0.0.0, a unspecified address"),
+    ("http://localhost:8080/a.wav", "a loopback address"),  # a name: resolved, not fetched
+    ("http://exa mple.com/a.wav", "a space or a control character"),
+    ("http:///a.wav", "it has no host"),
+    ("http://example.com:99999/a.wav", "not a URL echoq can fetch"),
+])
+def test_audio_urls_are_refused_up_front_by_the_fetch_policy(url: str, why: str) -> None:
+    data = {"conversation": "c", "lines": [{"text": "first"}, {"audio": url}]}
+    with pytest.raises(ScriptError) as err:
+        parse_script(data)
+    (problem,) = err.value.problems
+    assert (problem.line, problem.field) == (2, "audio") and why in problem.message, problem.message
+
+
+def test_a_public_or_allowed_audio_url_passes_without_being_fetched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import get_settings
+
+    # 192.0.2.0/24 is documentation space: refused, and no fetch could reach it anyway
+    doc, public = "http://192.0.2.7/a.wav", "https://93.184.216.34/clips/a.wav"
+    assert parse_script({"conversation": "c", "lines": [{"audio": public}]}).lines[0].audio == public
+    with pytest.raises(ScriptError, match="192.0.2.7, a private address"):
+        parse_script({"conversation": "c", "lines": [{"audio": doc}]})
+    # without the audio check a name is not resolved, but an address is still judged
+    named = {"conversation": "c", "lines": [{"audio": "http://localhost/a.wav"}]}
+    assert parse_script(named, check_audio=False).lines[0].audio == "http://localhost/a.wav"
+    with pytest.raises(ScriptError, match="loopback"):
+        parse_script({"conversation": "c", "lines": [{"audio": "http://127.0.0.1/a.wav"}]}, check_audio=False)
+    monkeypatch.setenv("ECHOQ_FETCH_ALLOW_HOSTS", "127.0.0.1,192.0.2.0/24")
+    get_settings.cache_clear()
+    try:
+        for url in ("http://127.0.0.1/a.wav", doc):
+            assert parse_script({"conversation": "c", "lines": [{"audio": url}]}).lines[0].audio == url
+    finally:
+        monkeypatch.delenv("ECHOQ_FETCH_ALLOW_HOSTS")
+        get_settings.cache_clear()
+
+
+def test_a_new_conversations_name_follows_the_text_rule() -> None:
+    data = {"conversation": {"persona_id": "p1", "name": "Morning\x1b[31m"}, "lines": ["hi"]}
+    with pytest.raises(ScriptError) as err:
+        parse_script(data)
+    (problem,) = err.value.problems
+    assert problem.field == "conversation.name" and "U+001B at index 7" in problem.message
+
+
+def test_script_validate_refuses_an_internal_audio_url_and_names_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from producer.cli.main import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text("conversation: c\nlines:\n  - text: hello\n  - audio: http://127.0.0.1:6379/x.wav\n")
+    assert main(["script", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2 (file line 4): audio: refused to fetch http://127.0.0.1:6379/x.wav" in err and "loopback" in err
+    path.write_text("conversation: c\nlines:\n  - text: hello\n  - audio: https://93.184.216.34/x.wav\n")
+    assert main(["script", "validate", str(path)]) == 0
+    assert "ok, 2 line(s)" in capsys.readouterr().out

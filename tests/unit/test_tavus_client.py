@@ -640,3 +640,20 @@ def test_create_options_are_sent_as_tavus_names_them(client: TavusClient, fake_t
     assert request.body == {"persona_id": persona["persona_id"], "require_auth": True, "test_mode": True,
                             "audio_only": True, "custom_greeting": "Hi!", "conversational_context": "A demo."}
     assert conv["meeting_token"].startswith("mtk-")  # a private room's token comes back
+
+
+@pytest.mark.parametrize("field", ["conversation_name", "custom_greeting", "conversational_context"])
+def test_text_sent_to_tavus_follows_the_text_rule_and_nothing_is_sent(
+    client: TavusClient, fake_tavus: FakeTavus, field: str
+) -> None:
+    from worker.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=f"^{field} contains the control character U\\+0000 at index 2"):
+        client.create_conversation("p1", **{field: "hi\x00there"})
+    with pytest.raises(InvalidInput, match="^persona_name contains the control character U\\+001B at index 4"):
+        client.create_persona("Bob \x1b[1m")
+    assert fake_tavus.request_count == 0
+    # tab, line feed and carriage return are ordinary whitespace and go through
+    persona = fake_tavus.add_persona(default_replica_id="r1")["persona_id"]
+    answer = client.create_conversation(persona, **{field: "line one\r\n\tline two"})
+    assert fake_tavus.requests("POST")[0].body[field] == "line one\r\n\tline two" and answer["conversation_id"]
