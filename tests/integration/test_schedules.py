@@ -106,7 +106,10 @@ def test_every_2s_fires_repeatedly_each_firing_once_in_order_with_two_schedulers
     # hand over: the active scheduler stops, the waiting one takes the lock and fires on
     first.stop()
     before = len(runs)
-    runs = wait_for(lambda: finished_runs(store, sid, before + 2), 30, what="firings after the hand-over")
+    try:
+        runs = wait_for(lambda: finished_runs(store, sid, before + 2), 45, what="firings after the hand-over")
+    except pytest.fail.Exception:
+        pytest.fail(f"no firings after the hand-over; the standby's log:\n{second.log()[-3000:]}")
     assert second.proc.poll() is None, second.log()[-2000:]
     slots = [r["slot"] for r in runs]
     assert len(slots) == len(set(slots))
