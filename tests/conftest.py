@@ -17,13 +17,14 @@ import redis
 
 def _test_redis_url() -> str:
     """``ECHOQ_TEST_REDIS_URL`` (default database 15). Run in parallel (pytest-xdist), worker
-    ``gwN`` takes the database N below it, so parallel tests never flush each other's keys."""
+    ``gwN`` takes the database 2N below it (15, 13, …: 14 is the demo's), so parallel tests never
+    flush each other's keys, nor the demo's."""
     base = os.environ.get("ECHOQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw") or worker == "gw0":
         return base
     head, _, db = base.rpartition("/")
-    return f"{head}/{int(db or 0) - int(worker[2:])}"
+    return f"{head}/{int(db or 0) - 2 * int(worker[2:])}"
 
 
 TEST_REDIS_URL = _test_redis_url()
