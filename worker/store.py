@@ -43,6 +43,41 @@ redis.call('SET', KEYS[5], ARGV[2])
 return {seq, 1}
 """
 
+# A batch of text entries, all or none: nothing is written when the conversation is not open or
+# an inference id is taken by another utterance. An utterance id already in the log keeps its seq.
+# KEYS: conversation, log, then per item: utterance, inference
+# ARGV: now, then per item: entry json (without seq), utterance id, inference id, record json
+# Returns {-1, 0} (not open), {-2, item} (item's inference id taken; items count from 1), or
+# {1, seq1, created1, seq2, created2, ...}.
+_ENQUEUE_MANY = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return {-1, 0} end
+local n = (#ARGV - 1) / 4
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + 2 * i]) == 0 and redis.call('EXISTS', KEYS[2 + 2 * i]) == 1 then
+    return {-2, i}
+  end
+end
+local out = {1}
+for i = 1, n do
+  local ukey, a = KEYS[1 + 2 * i], 1 + 4 * (i - 1)
+  if redis.call('EXISTS', ukey) == 1 then
+    out[#out + 1] = tonumber(redis.call('HGET', ukey, 'seq'))
+    out[#out + 1] = 0
+  else
+    local seq = redis.call('LLEN', KEYS[2]) + 1
+    local entry = cjson.decode(ARGV[a + 1])
+    entry['seq'] = seq
+    redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+    for k, v in pairs(cjson.decode(ARGV[a + 4])) do redis.call('HSET', ukey, k, tostring(v)) end
+    redis.call('HSET', ukey, 'seq', seq, 'state', 'queued', 'enqueued_at', ARGV[1])
+    redis.call('SET', KEYS[2 + 2 * i], ARGV[a + 2])
+    out[#out + 1] = seq
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
 # KEYS: conversation, log, cursor, events ; ARGV: now
 # Cancels every queued entry after the cursor and bumps the interrupt generation.
 _INTERRUPT = """
@@ -232,6 +267,7 @@ class Store:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._enqueue = client.register_script(_ENQUEUE)
+        self._enqueue_many = client.register_script(_ENQUEUE_MANY)
         self._interrupt = client.register_script(_INTERRUPT)
         self._advance = client.register_script(_ADVANCE)
         self._start = client.register_script(_START)
@@ -311,6 +347,24 @@ class Store:
             args=[json.dumps(entry), uid, blob or b"", blob_ttl, inference_id, f"{time.time():.6f}", json.dumps(record)],
         )
         return int(res[0]), bool(res[1])
+
+    def enqueue_many(self, conversation_id: str, items: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[tuple[int, bool]]:
+        """Append text ``(entry, record)`` items in order, in one round trip, all or none: a
+        ``(seq, created)`` per item as :meth:`enqueue` gives. ``[(-1, False)]`` when the
+        conversation is not open; ``[(-2, False), (item, False)]`` when item ``item`` (from 0)
+        has an inference id another utterance uses. Nothing is written then."""
+        item_keys: list[str] = []
+        args: list[Any] = [f"{time.time():.6f}"]
+        for entry, record in items:
+            item_keys += [keys.utterance(entry["utterance_id"]), keys.inference(entry["inference_id"])]
+            args += [json.dumps(entry), entry["utterance_id"], entry["inference_id"], json.dumps(record)]
+        res = self._enqueue_many(keys=[keys.conversation(conversation_id), keys.conv_log(conversation_id), *item_keys],
+                                 args=args)
+        if int(res[0]) == -1:
+            return [(-1, False)]
+        if int(res[0]) == -2:
+            return [(-2, False), (int(res[1]) - 1, False)]
+        return [(int(res[i]), bool(res[i + 1])) for i in range(1, len(res), 2)]
 
     def log_length(self, conversation_id: str) -> int:
         return int(self.r.llen(keys.conv_log(conversation_id)))
