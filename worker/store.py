@@ -498,6 +498,13 @@ class Store:
         lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
         return bool(self._renew(keys=lease_keys, args=[token, _arg(epoch), _ms(ttl_s)]))
 
+    def renew_leases(self, leases: list[tuple[str, str, int | None]], ttl_s: float) -> list[bool]:
+        """:meth:`renew_lease` for many ``(conversation, token, epoch)`` in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for cid, token, epoch in leases:
+            self._renew(keys=[keys.lease(cid), keys.conversation(cid)], args=[token, _arg(epoch), _ms(ttl_s)], client=pipe)
+        return [bool(held) for held in pipe.execute()]
+
     def release_lease(self, conversation_id: str, token: str) -> bool:
         lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
         return bool(self._release(keys=lease_keys, args=[token]))

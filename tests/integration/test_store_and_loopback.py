@@ -276,3 +276,16 @@ def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_
     assert [m["properties"]["inference_id"] for m in messages] == ["a1"] * 13 + ["t1"]
     assert store.cursor("c").seq == 2 and calls[0] >= 14
     assert store.utterance("a1")["state"] == "sent" and store.utterance("t1")["state"] == "sent"
+
+
+def test_many_leases_are_renewed_in_one_call_each_only_for_its_holder(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    for cid in ("a", "b", "c"):
+        store.open_conversation(cid, f"loopback://{cid}")
+    assert store.take_lease("a", "me", 5)
+    assert store.take_lease("b", "you", 5)
+    epoch = store.take_lease("c", "me", 5)
+    redis_client.delete(keys.lease("c"))  # ran out while nobody took it: the epoch takes it back
+    assert store.renew_leases([("a", "me", None), ("b", "me", None), ("c", "me", epoch)], 7) == [True, False, True]
+    assert [store.lease_owner(c) for c in ("a", "b", "c")] == ["me", "you", "me"]
+    assert 5000 < redis_client.pttl(keys.lease("a")) <= 7000
