@@ -64,3 +64,22 @@ def test_an_inference_id_taken_in_redis_refuses_the_batch_naming_the_item(client
     assert client.store.utterance("x1") is None
     with pytest.raises(UnknownConversation):
         client.say_many("nobody", ["a"])
+
+
+def test_a_script_run_enqueues_back_to_back_text_lines_as_one_batch_in_order(client: Any) -> None:
+    from producer.scripting.runs import Runner
+    from producer.scripting.script import parse_text
+
+    client.open("scripted", "loopback://scripted-room?replica=0")
+    calls: list[str] = []
+    real_say, real_many = client.say, client.say_many
+    client.say = lambda *a, **kw: calls.append("say") or real_say(*a, **kw)
+    client.say_many = lambda *a, **kw: calls.append(f"say_many:{len(a[1])}") or real_many(*a, **kw)
+    script = parse_text("conversation: scripted\nlines:\n  - text: one\n  - text: two\n  - text: three\n"
+                        "    pause: 1h\n  - text: four\n", check_audio=False)
+    run = Runner(client.redis, client=client).start(script, run_id="run:batch")
+    assert calls == ["say_many:3"]  # the pause after line 3 holds line 4 back
+    assert [ln.get("queued_at") is not None for ln in run["lines"]] == [True, True, True, False]
+    entries = client.store.entries_after("scripted", 0)
+    assert [(e["utterance_id"], e["text"]) for e in entries] == [("run:batch:1", "one"), ("run:batch:2", "two"),
+                                                                 ("run:batch:3", "three")]
