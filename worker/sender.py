@@ -404,6 +404,9 @@ class Sender:
 
         moved = self._record(move, "cursor")
         if not moved.held:
+            if append is not None:  # the message was refused with the move: fenced in Redis itself
+                metrics.send_fenced()
+                step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
             raise LeaseLost(f"lease on conversation {self.cid} lost")
         if not moved.done or (moved.gen > self.gen and chunk):
             raise Interrupted()
