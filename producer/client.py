@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from worker.errors import (
     BackendUnavailable,
     EchoqError,
     InvalidInput,
+    MessageTooLarge,
     TextTooLong,
     UnknownConversation,
 )
@@ -192,6 +193,56 @@ class EchoqClient:
         echo.text_echo(conversation_id, text, inf, max_bytes=self.settings.max_message_bytes)
         entry = {"utterance_id": uid, "kind": "text", "text": text, "inference_id": inf}
         return self._enqueue(conversation_id, entry, {"kind": "text", "chars": len(text)})
+
+    def say_many(self, conversation_id: str, texts: Sequence[str], *, utterance_ids: Sequence[str] | None = None,
+                 inference_ids: Sequence[str] | None = None) -> list[str]:
+        """Queue text echoes in order with one Redis round trip and one doorbell; returns their
+        utterance ids. Every item is checked as :meth:`say` checks it, and ids are idempotent as
+        there; a bad item refuses the whole batch (:class:`InvalidInput` naming the item) and
+        nothing is enqueued."""
+        texts = list(texts)
+        uids = list(utterance_ids) if utterance_ids is not None else [_utterance_id() for _ in texts]
+        infs = list(inference_ids) if inference_ids is not None else [None] * len(texts)
+        if len(uids) != len(texts) or len(infs) != len(texts):
+            raise InvalidInput(f"{len(texts)} texts need as many utterance ids and inference ids, "
+                               f"not {len(uids)} and {len(infs)}")
+        if self._conversation(conversation_id).get("mode") == "microphone":
+            raise InvalidInput(f"conversation {conversation_id!r} is in microphone mode, which has no text-to-speech")
+        items = []
+        seen: dict[str, int] = {}
+        now = round(time.time(), 6)
+        for i, (body, uid, inf_in) in enumerate(zip(texts, uids, infs, strict=True)):
+            inf = inf_in or uid
+            try:
+                if not isinstance(body, str) or not body.strip():
+                    raise InvalidInput("text is empty")
+                check_text(body)
+                _check_utterance_ids(uid, inf)
+                for name, value in (("utterance id", uid), ("inference_id", inf)):
+                    if (other := seen.setdefault(f"{name}:{value}", i)) != i:
+                        raise InvalidInput(f"{name} {value!r} is item {other}'s too")
+                echo.text_echo(conversation_id, body, inf, max_bytes=self.settings.max_message_bytes)
+            except (InvalidInput, MessageTooLarge) as exc:
+                raise type(exc)(f"item {i} of the batch: {exc}; nothing was enqueued") from exc
+            entry = {"utterance_id": uid, "kind": "text", "text": body, "inference_id": inf, "enqueued_at": now}
+            record = {"id": uid, "conversation_id": conversation_id, "inference_id": inf, "kind": "text",
+                      "chars": len(body)}
+            items.append((entry, record))
+        if not items:
+            return []
+        with _backend():
+            result = self.store.enqueue_many(conversation_id, items)
+            if result[0][0] == -1:
+                self._conversation(conversation_id)  # raises the precise reason
+                raise UnknownConversation(f"conversation {conversation_id!r} is not open")
+            if result[0][0] == -2:
+                bad = result[1][0]
+                raise InvalidInput(f"item {bad} of the batch: inference_id {items[bad][0]['inference_id']!r} is "
+                                   "already used by another utterance; nothing was enqueued")
+            self.app.send_task(keys.TASK_DRAIN, args=[conversation_id], queue=keys.conv_queue(conversation_id))
+        step(log, "utterances.enqueued", conversation=conversation_id, count=len(items),
+             seqs=f"{result[0][0]}-{result[-1][0]}", duplicates=sum(1 for _s, created in result if not created) or None)
+        return uids
 
     def play(self, conversation_id: str, audio_in: str | os.PathLike[str] | bytes, *, sample_rate: int | None = None,
              source_rate: int | None = None, channels: int = 1, format: str | None = None,

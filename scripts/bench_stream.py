@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 BENCH_URL = os.environ.get("ECHOQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 os.environ["ECHOQ_REDIS_URL"] = BENCH_URL
 
-from bench_delivery import pct, wait  # noqa: E402  (the same percentile and polling)
+from bench import pct, wait  # noqa: E402  (the same percentile and polling)
 
 from producer.client import EchoqClient  # noqa: E402
 from worker import chunks, echo, keys  # noqa: E402

@@ -147,6 +147,9 @@ class MicrophoneSender(Sender):
 
     def __init__(self, conversation_id: str, **kwargs: Any) -> None:
         super().__init__(conversation_id, **kwargs)
+        # frames go to the room's microphone, not through send(): each cursor move is its own
+        # round trip after the write, and interrupts are looked up as the echo sender once did
+        self.folds = False
         settings = self.settings
         # the echo sender's conversion (_pcm_chunks) cuts chunks of chunk_ms: here, mic frames
         self.chunk_ms = settings.mic_frame_ms

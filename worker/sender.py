@@ -20,15 +20,13 @@ stopping stops at a message boundary and leaves the rest of the utterance to the
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar, TypeVar
-
-import redis
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from . import audio, chunks, echo, metrics
 from .errors import (
@@ -42,7 +40,7 @@ from .errors import (
 from .fencing import Fence, until_redis_answers
 from .logs import ms_since, step
 from .settings import Settings
-from .store import Store
+from .store import Moved, RoomAppend, Store
 from .transports import Transport
 
 log = logging.getLogger("echoq.sender")
@@ -65,6 +63,15 @@ class Stopping(Exception):
 
 class SendExhausted(RetryableError):
     """A message could not be sent within the retry budget; the drain is tried again later."""
+
+
+class _Move(NamedTuple):
+    """The cursor move that records the message about to be sent, and the record's count."""
+
+    seq: int
+    chunk: int
+    utterance_id: str | None
+    chunks_sent: int | None
 
 
 class Pacer:
@@ -140,6 +147,11 @@ class Sender:
         self.pacer = Pacer(settings)
         self.chunk_ms = settings.chunk_ms
         self.gen = store.cursor(conversation_id).gen
+        # A room that is a stream in the store's Redis is written by the cursor move itself: one
+        # round trip per message, and the lease and interrupt checks are atomic with the write.
+        client = getattr(store, "r", None)  # a store kept elsewhere than Redis never folds
+        self.folds = client is not None and transport.room_in(client)
+        self._next_move: _Move | None = None
 
     # the loop ------------------------------------------------------------------------------
 
@@ -275,9 +287,9 @@ class Sender:
 
     def _send_text(self, entry: dict[str, Any]) -> int:
         message = echo.text_echo(self.wire_id, entry["text"], entry["inference_id"], max_bytes=self.settings.max_message_bytes)
-        self._check_interrupt()
-        self._send(message, kind="text", entry=entry)
-        self._advance(int(entry["seq"]), 0)
+        if not self.folds:  # a folded send is refused by Redis itself when an interrupt came
+            self._check_interrupt()
+        self._send_moving(lambda: self._send(message, kind="text", entry=entry), _Move(int(entry["seq"]), 0, None, None))
         return 1
 
     def _pcm_chunks(self, entry: dict[str, Any]) -> Iterator[bytes]:
@@ -333,20 +345,16 @@ class Sender:
         for index, (pcm, last) in enumerate(items):
             if index < first_chunk:  # sent before a crash; the cursor says where to go on
                 continue
-            if index == first_chunk:  # later pieces learn of interrupts from each cursor move
+            if index == first_chunk and not self.folds:  # later pieces learn of interrupts from each cursor move
                 self._check_interrupt()
             if self.stopping():  # the cursor is at this piece: the next owner starts here
                 raise Stopping()
-            put(pcm, last)
-            if last:
-                self._advance(seq, 0)
-            else:
-                self._advance(seq - 1, index + 1)
+            # the record's count (for people; the cursor is the truth) rides on the cursor move
+            count = index + 1 if index % every == 0 else None
+            move = _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
+            self._send_moving(functools.partial(put, pcm, last), move)
             if progress is not None:
                 progress(uid, index + 1, total if not last else index + 1)
-            if index % every == 0:
-                with contextlib.suppress(redis.RedisError):  # a count for people; the cursor is the truth
-                    self.store.update_utterance(uid, chunks_sent=index + 1)
         if index < 0:
             raise PermanentError("the audio has no samples")
         return index + 1
@@ -363,22 +371,44 @@ class Sender:
         return until_redis_answers(call, what=what, conversation=self.cid, wake=self.wake, give_up=self.stopping,
                                    max_delay_s=self.settings.redis_retry_max_delay_s)
 
-    def _advance(self, seq: int, chunk: int, gen: int | None = None) -> None:
+    def _send_moving(self, send: Callable[[], None], move: _Move) -> None:
+        """``send()`` one message, and move the cursor to ``move`` once it is in the room: in
+        the same round trip when the room folds (:meth:`_send` makes the move), else after."""
+        self._next_move = move
+        try:
+            send()
+        finally:
+            pending, self._next_move = self._next_move, None
+        if pending is not None:  # not folded into the send (another transport, a microphone write)
+            self._advance(move.seq, move.chunk, utterance_id=move.utterance_id, chunks_sent=move.chunks_sent)
+
+    def _advance(self, seq: int, chunk: int, gen: int | None = None, *, utterance_id: str | None = None,
+                 chunks_sent: int | None = None, append: RoomAppend | None = None) -> None:
         """Record that everything before (seq, chunk) is in the room. Fenced by the lease token;
-        retried (not the send) while Redis is away; each move also renews the lease."""
+        retried (not the send) while Redis is away; each move also renews the lease.
+
+        With ``append`` the move writes the message into its room too, unless an interrupt came
+        since this sender last looked (then nothing is written and :class:`Interrupted` is raised);
+        a retry after a lost reply writes it at most once."""
         ttl = self.settings.lease_ttl_s
+        refuse_above = self.gen if append is not None else None
 
-        def move() -> int | None:
+        def move() -> Moved:
             requested = time.monotonic()
-            current = self.store.advance(self.cid, self.token, seq, chunk, gen, epoch=self.epoch, ttl_s=ttl)
-            if current is not None:
+            moved = self.store.move(self.cid, self.token, seq, chunk, gen, epoch=self.epoch, ttl_s=ttl,
+                                    utterance_id=utterance_id, chunks_sent=chunks_sent, append=append,
+                                    refuse_above=refuse_above)
+            if moved.held:
                 self.fence.renewed(requested)
-            return current
+            return moved
 
-        current = self._record(move, "cursor")
-        if current is None:
+        moved = self._record(move, "cursor")
+        if not moved.held:
+            if append is not None:  # the message was refused with the move: fenced in Redis itself
+                metrics.send_fenced()
+                step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
             raise LeaseLost(f"lease on conversation {self.cid} lost")
-        if current > self.gen and chunk:
+        if not moved.done or (moved.gen > self.gen and chunk):
             raise Interrupted()
 
     def _fenced(self) -> None:
@@ -427,7 +457,14 @@ class Sender:
                     self.transport.rejoin(s.join_timeout_s)
                     step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
                 self._fenced()
-                self.transport.send(message)
+                move = self._next_move if self.folds and kind != "interrupt" else None
+                if move is None:
+                    self.transport.send(message)
+                else:  # the room's write and the cursor move, one round trip
+                    append = self.transport.prepare_append(message)
+                    self._next_move = None
+                    self._advance(move.seq, move.chunk, utterance_id=move.utterance_id,
+                                  chunks_sent=move.chunks_sent, append=append)
                 self.pacer.sent()
             except MessageTooLarge:
                 raise

@@ -343,17 +343,21 @@ class SessionManager:
     def _tick(self) -> None:
         s = self.settings
         now = time.monotonic()
+        # every lease due is renewed in one round trip, so hundreds of sessions cost one call;
+        # with the epoch: a lease that ran out during a Redis outage and that nobody took
+        # meanwhile comes back to this owner, which resumes where it was
+        due = [(cid, session) for cid, session in list(self.sessions.items())
+               if now - session.renewed_at >= s.lease_ttl_s / 3]
+        requested = time.monotonic()
+        held = self.store.renew_leases([(cid, se.token, se.epoch) for cid, se in due], s.lease_ttl_s) if due else []
+        for (cid, session), ok in zip(due, held, strict=True):
+            if not ok:
+                step(log, "lease.lost", logging.WARNING, conversation=cid, worker=self.hostname)
+                self.drop(cid, "lease lost", release=False)
+                continue
+            session.renewed_at = requested
+            session.fence.renewed(requested)
         for cid, session in list(self.sessions.items()):
-            if now - session.renewed_at >= s.lease_ttl_s / 3:
-                requested = time.monotonic()
-                # with the epoch: a lease that ran out during a Redis outage and that nobody took
-                # meanwhile comes back to this owner, which resumes where it was
-                if not self.store.renew_lease(cid, session.token, s.lease_ttl_s, session.epoch):
-                    step(log, "lease.lost", logging.WARNING, conversation=cid, worker=self.hostname)
-                    self.drop(cid, "lease lost", release=False)
-                    continue
-                session.renewed_at = requested
-                session.fence.renewed(requested)
             backlog = self.store.backlog(cid)
             metrics.backlog(cid, backlog)
             conv = self.store.conversation(cid) or {}

@@ -43,6 +43,41 @@ redis.call('SET', KEYS[5], ARGV[2])
 return {seq, 1}
 """
 
+# A batch of text entries, all or none: nothing is written when the conversation is not open or
+# an inference id is taken by another utterance. An utterance id already in the log keeps its seq.
+# KEYS: conversation, log, then per item: utterance, inference
+# ARGV: now, then per item: entry json (without seq), utterance id, inference id, record json
+# Returns {-1, 0} (not open), {-2, item} (item's inference id taken; items count from 1), or
+# {1, seq1, created1, seq2, created2, ...}.
+_ENQUEUE_MANY = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return {-1, 0} end
+local n = (#ARGV - 1) / 4
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[1 + 2 * i]) == 0 and redis.call('EXISTS', KEYS[2 + 2 * i]) == 1 then
+    return {-2, i}
+  end
+end
+local out = {1}
+for i = 1, n do
+  local ukey, a = KEYS[1 + 2 * i], 1 + 4 * (i - 1)
+  if redis.call('EXISTS', ukey) == 1 then
+    out[#out + 1] = tonumber(redis.call('HGET', ukey, 'seq'))
+    out[#out + 1] = 0
+  else
+    local seq = redis.call('LLEN', KEYS[2]) + 1
+    local entry = cjson.decode(ARGV[a + 1])
+    entry['seq'] = seq
+    redis.call('RPUSH', KEYS[2], cjson.encode(entry))
+    for k, v in pairs(cjson.decode(ARGV[a + 4])) do redis.call('HSET', ukey, k, tostring(v)) end
+    redis.call('HSET', ukey, 'seq', seq, 'state', 'queued', 'enqueued_at', ARGV[1])
+    redis.call('SET', KEYS[2 + 2 * i], ARGV[a + 2])
+    out[#out + 1] = seq
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
 # KEYS: conversation, log, cursor, events ; ARGV: now
 # Cancels every queued entry after the cursor and bumps the interrupt generation.
 _INTERRUPT = """
@@ -83,14 +118,42 @@ local function lease_held(token, epoch, ttl)
 end
 """
 
-# KEYS: lease, conversation, cursor ; ARGV: token, epoch-or-"", ttl-ms-or-"", seq, chunk, gen-or-""
-# Moves the cursor if the caller still holds the lease (renewing it when a TTL is given);
-# returns {1, interrupt_gen} or {0, 0}.
-_ADVANCE = _LEASE_HELD + """
-if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0} end
+# A room that is a Redis stream takes each send once: a send whose reply was lost is retried with
+# the same send id, and the stream's newest entries are looked at for it first.
+SENT_BEFORE = """
+local function sent_before(stream, send_id)
+  for _, entry in ipairs(redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 8)) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'send_id' and f[i + 1] == send_id then return true end
+    end
+  end
+  return false
+end
+"""
+
+# One round trip per message: the lease (checked, renewed), the interrupt generation, the room
+# write when the room is a Redis stream, the cursor move and the record's running count.
+# KEYS: lease, conversation, cursor, utterance, room stream
+# ARGV: token, epoch-or-"", ttl-ms-or-"", seq, chunk, gen-or-"", refuse-above-gen-or-"",
+#       chunks_sent-or-"", data-or-"", origin, send id
+# Returns {held, interrupt_gen, moved}: {0, 0, 0} when the lease is lost (nothing written);
+# {1, gen, 0} when an interrupt newer than ARGV[7] came (nothing written: the message is not
+# sent); else {1, gen, 1}. A retried call whose message is in the room already moves the cursor
+# again (the same position) and appends nothing.
+_ADVANCE = _LEASE_HELD + SENT_BEFORE + """
+if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0, 0} end
+local current = tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')
+local data = ARGV[9]
+if data ~= '' and sent_before(KEYS[5], ARGV[11]) then data = '' end
+if data ~= '' and ARGV[7] ~= '' and current > tonumber(ARGV[7]) then return {1, current, 0} end
+if data ~= '' then
+  redis.call('XADD', KEYS[5], '*', 'data', data, 'origin', ARGV[10], 'send_id', ARGV[11])
+end
 redis.call('HSET', KEYS[3], 'seq', ARGV[4], 'chunk', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'gen', ARGV[6]) end
-return {1, tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')}
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[4], 'chunks_sent', ARGV[8]) end
+return {1, current, 1}
 """
 
 # KEYS: utterance ; ARGV: now — queued (or a resumed sending) -> sending; 0 when cancelled meanwhile
@@ -171,6 +234,27 @@ def text(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class RoomAppend:
+    """A message for a room that is a Redis stream, written by the cursor move that records it:
+    the encoded message, who sends it, and the send id that makes a retry append nothing."""
+
+    stream: str
+    data: bytes
+    origin: str
+    send_id: str
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A cursor move's answer: whether the lease was held, the interrupt generation, and whether
+    the move (and its append) happened; not when an interrupt came first."""
+
+    held: bool
+    gen: int
+    done: bool
+
+
+@dataclass(frozen=True)
 class Cursor:
     seq: int
     chunk: int
@@ -183,6 +267,7 @@ class Store:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._enqueue = client.register_script(_ENQUEUE)
+        self._enqueue_many = client.register_script(_ENQUEUE_MANY)
         self._interrupt = client.register_script(_INTERRUPT)
         self._advance = client.register_script(_ADVANCE)
         self._start = client.register_script(_START)
@@ -263,6 +348,24 @@ class Store:
         )
         return int(res[0]), bool(res[1])
 
+    def enqueue_many(self, conversation_id: str, items: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[tuple[int, bool]]:
+        """Append text ``(entry, record)`` items in order, in one round trip, all or none: a
+        ``(seq, created)`` per item as :meth:`enqueue` gives. ``[(-1, False)]`` when the
+        conversation is not open; ``[(-2, False), (item, False)]`` when item ``item`` (from 0)
+        has an inference id another utterance uses. Nothing is written then."""
+        item_keys: list[str] = []
+        args: list[Any] = [f"{time.time():.6f}"]
+        for entry, record in items:
+            item_keys += [keys.utterance(entry["utterance_id"]), keys.inference(entry["inference_id"])]
+            args += [json.dumps(entry), entry["utterance_id"], entry["inference_id"], json.dumps(record)]
+        res = self._enqueue_many(keys=[keys.conversation(conversation_id), keys.conv_log(conversation_id), *item_keys],
+                                 args=args)
+        if int(res[0]) == -1:
+            return [(-1, False)]
+        if int(res[0]) == -2:
+            return [(-2, False), (int(res[1]) - 1, False)]
+        return [(int(res[i]), bool(res[i + 1])) for i in range(1, len(res), 2)]
+
     def log_length(self, conversation_id: str) -> int:
         return int(self.r.llen(keys.conv_log(conversation_id)))
 
@@ -287,11 +390,27 @@ class Store:
         message), and with ``epoch`` too it takes back a lease that ran out while nobody else
         took it (see ``_LEASE_HELD``).
         """
-        ok, current_gen = self._advance(
-            keys=[keys.lease(conversation_id), keys.conversation(conversation_id), keys.conv_cursor(conversation_id)],
-            args=[token, _arg(epoch), _ms(ttl_s), seq, chunk, _arg(gen)],
+        moved = self.move(conversation_id, token, seq, chunk, gen, epoch=epoch, ttl_s=ttl_s)
+        return moved.gen if moved.held else None
+
+    def move(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None, *,
+             epoch: int | None = None, ttl_s: float | None = None, utterance_id: str | None = None,
+             chunks_sent: int | None = None, append: RoomAppend | None = None,
+             refuse_above: int | None = None) -> Moved:
+        """:meth:`advance`, and in the same round trip: the record's ``chunks_sent`` of
+        ``utterance_id``, and the message ``append`` into its room stream (once, even when the
+        call is retried after a lost reply), unless an interrupt newer than ``refuse_above``
+        came first."""
+        cursor_key = keys.conv_cursor(conversation_id)
+        count = chunks_sent if utterance_id else None
+        held, current, done = self._advance(
+            keys=[keys.lease(conversation_id), keys.conversation(conversation_id), cursor_key,
+                  keys.utterance(utterance_id) if utterance_id else cursor_key,
+                  append.stream if append else cursor_key],
+            args=[token, _arg(epoch), _ms(ttl_s), seq, chunk, _arg(gen), _arg(refuse_above), _arg(count),
+                  append.data if append else "", append.origin if append else "", append.send_id if append else ""],
         )
-        return int(current_gen) if ok else None
+        return Moved(bool(held), int(current), bool(done))
 
     def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
         """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""
@@ -378,6 +497,13 @@ class Store:
         """Extend the lease ``token`` holds; with ``epoch``, take it back if it ran out untaken."""
         lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]
         return bool(self._renew(keys=lease_keys, args=[token, _arg(epoch), _ms(ttl_s)]))
+
+    def renew_leases(self, leases: list[tuple[str, str, int | None]], ttl_s: float) -> list[bool]:
+        """:meth:`renew_lease` for many ``(conversation, token, epoch)`` in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for cid, token, epoch in leases:
+            self._renew(keys=[keys.lease(cid), keys.conversation(cid)], args=[token, _arg(epoch), _ms(ttl_s)], client=pipe)
+        return [bool(held) for held in pipe.execute()]
 
     def release_lease(self, conversation_id: str, token: str) -> bool:
         lease_keys = [keys.lease(conversation_id), keys.conversation(conversation_id)]

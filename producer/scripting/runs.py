@@ -211,13 +211,23 @@ class Runner:
                 return now + POLL_S
             if due > now:
                 return due
-            state = rec["lines"][i]
+            # text lines due now and back to back (no pause, no time of their own) go as one batch
+            batch = [i]
+            while (lines[i].text is not None and batch[-1] + 1 < len(lines) and lines[batch[-1] + 1].text is not None
+                   and lines[batch[-1] + 1].at_s is None and not lines[batch[-1]].pause_s):
+                batch.append(batch[-1] + 1)
             try:
-                self._enqueue(conv, lines[i], state["utterance_id"])
+                if len(batch) > 1 and self._enqueue_batch(conv, rec, batch, lines):
+                    continue
+                state = rec["lines"][i]
+                try:
+                    self._enqueue(conv, lines[i], state["utterance_id"])
+                except PermanentError as exc:
+                    if isinstance(exc, UnknownConversation):
+                        raise
+                    state["error"] = str(exc)
             except UnknownConversation as exc:
                 return self._finish(rec, "failed", str(exc))
-            except PermanentError as exc:
-                state["error"] = str(exc)
             state["queued_at"] = time.time()
             rec["next"] = i + 1
         pending = [ln for ln in rec["lines"] if ln.get("queued_at") and not ln.get("error")
@@ -240,6 +250,23 @@ class Runner:
             return None
         ended = utt.get("sent_at") or utt.get("finished_at")
         return (float(ended) if ended else time.time()) + prev.pause_s
+
+    def _enqueue_batch(self, conversation_id: str, rec: dict[str, Any], batch: list[int], lines: Any) -> bool:
+        """Enqueue the text lines ``batch`` with one call; False (nothing enqueued) when one of
+        them is refused, so that each line is then enqueued alone and gets its own error."""
+        states = [rec["lines"][i] for i in batch]
+        try:
+            self.client.say_many(conversation_id, [lines[i].text for i in batch],
+                                 utterance_ids=[st["utterance_id"] for st in states])
+        except UnknownConversation:
+            raise
+        except PermanentError:
+            return False
+        now = time.time()
+        for st in states:
+            st["queued_at"] = now
+        rec["next"] = batch[-1] + 1
+        return True
 
     def _enqueue(self, conversation_id: str, line: Any, utterance_id: str) -> None:
         if line.text is not None:

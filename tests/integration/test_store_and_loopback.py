@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from typing import Any
@@ -19,6 +20,8 @@ from worker.errors import (
     RoomDisconnected,
     SendFailed,
 )
+from worker.sender import Sender
+from worker.settings import Settings
 from worker.store import Store
 from worker.transports.loopback import LoopbackTransport
 
@@ -207,3 +210,82 @@ def test_a_replica_that_finishes_before_the_sender_records_still_leaves_the_utte
     assert store.mark_spoken("cut", "interrupted", 0.3) == "interrupted"
     assert [store.utterance(u)["state"] for u in ("fast", "slow", "cut")] == ["spoken", "spoken", "interrupted"]
     assert store.utterance("slow")["duration"] == "1.2"
+
+
+def test_a_send_folded_into_its_cursor_move_goes_in_once_only_for_the_holder_and_not_after_an_interrupt(
+        redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://fold")
+    store.enqueue("c", *_entry("u1"))
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport("loopback://fold?replica=0", redis_client=redis_client)
+    room.join(1)
+    assert room.room_in(redis_client)
+    first, second = echo.interrupt("c"), echo.interrupt("c")
+
+    append = room.prepare_append(first)
+    moved = store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0)
+    assert (moved.held, moved.done) == (True, True)
+    assert store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0).done  # a retry
+    assert wire(redis_client, "fold") == [first]
+    assert (store.cursor("c").seq, store.cursor("c").chunk) == (0, 1)
+    assert store.utterance("u1")["chunks_sent"] == "1"
+
+    other = room.prepare_append(second)
+    assert not store.move("c", "you", 0, 2, append=other).held  # not the holder: nothing written, nothing moved
+    store.interrupt("c")
+    refused = store.move("c", "me", 0, 2, append=other, refuse_above=0)
+    assert (refused.held, refused.done, refused.gen) == (True, False, 1)  # an interrupt came first
+    assert wire(redis_client, "fold") == [first]
+    assert store.cursor("c").chunk == 1
+    assert store.move("c", "me", 0, 2, append=other, refuse_above=1).done
+    assert wire(redis_client, "fold") == [first, second]
+
+
+def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_once_in_order(
+        redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://lost")
+    pcm = (bytes(range(256)) * 100)[:13 * 1920]  # 13 chunks of 40 ms of 24 kHz s16le
+    entry = {"utterance_id": "a1", "kind": "audio", "inference_id": "a1", "sample_rate": 24000, "format": "s16le",
+             "source_rate": 24000, "channels": 1}
+    store.enqueue("c", entry, {"id": "a1", "kind": "audio", "inference_id": "a1"}, blob=pcm)
+    store.enqueue("c", *_entry("t1"))
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport("loopback://lost?replica=0", redis_client=redis_client)
+    room.join(1)
+    sender = Sender("c", store=store, transport=room, settings=Settings(), token="me", wake=threading.Event(),
+                    stopping=lambda: False)
+    assert sender.folds
+    real, calls = store._advance, [0]
+
+    def every_third_reply_lost(**kwargs: Any) -> Any:
+        reply = real(**kwargs)  # Redis ran it ...
+        calls[0] += 1
+        if calls[0] % 3 == 0:
+            raise redis.TimeoutError("Timeout reading from socket")  # ... but the answer never came
+        return reply
+
+    store._advance = every_third_reply_lost  # type: ignore[assignment]
+    assert sender.drain() == 2
+    messages = wire(redis_client, "lost")
+    audio_msgs = [m for m in messages if m["properties"].get("inference_id") == "a1"]
+    assert len(audio_msgs) == 13 and [m["properties"]["done"] for m in audio_msgs] == [False] * 12 + [True]
+    joined = b"".join(base64.b64decode(m["properties"]["audio"]) for m in audio_msgs)
+    assert joined == pcm  # every chunk once, in order
+    assert [m["properties"]["inference_id"] for m in messages] == ["a1"] * 13 + ["t1"]
+    assert store.cursor("c").seq == 2 and calls[0] >= 14
+    assert store.utterance("a1")["state"] == "sent" and store.utterance("t1")["state"] == "sent"
+
+
+def test_many_leases_are_renewed_in_one_call_each_only_for_its_holder(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    for cid in ("a", "b", "c"):
+        store.open_conversation(cid, f"loopback://{cid}")
+    assert store.take_lease("a", "me", 5)
+    assert store.take_lease("b", "you", 5)
+    epoch = store.take_lease("c", "me", 5)
+    redis_client.delete(keys.lease("c"))  # ran out while nobody took it: the epoch takes it back
+    assert store.renew_leases([("a", "me", None), ("b", "me", None), ("c", "me", epoch)], 7) == [True, False, True]
+    assert [store.lease_owner(c) for c in ("a", "b", "c")] == ["me", "you", "me"]
+    assert 5000 < redis_client.pttl(keys.lease("a")) <= 7000

@@ -20,7 +20,7 @@ from worker import chunks
 from worker.errors import AudioError, SendFailed
 from worker.microphone import FrameClock, FrameReader, MicrophoneSender
 from worker.settings import Settings
-from worker.store import Cursor
+from worker.store import Cursor, Moved
 from worker.transports import Transport
 from worker.transports.daily import DailyTransport, shutdown_all, wait_for_cleanup
 
@@ -111,6 +111,15 @@ class MemoryStore:
         if gen is not None:
             self.gen = gen
         return self.interrupt_gen
+
+    def move(self, conversation_id: str, token: str, seq: int, chunk: int, gen: int | None = None, *,
+             epoch: int | None = None, ttl_s: float | None = None, utterance_id: str | None = None,
+             chunks_sent: int | None = None, append: Any = None, refuse_above: int | None = None) -> Moved:
+        assert append is None, "a microphone writes its frames itself"
+        current = self.advance(conversation_id, token, seq, chunk, gen, epoch=epoch, ttl_s=ttl_s)
+        if current is not None and utterance_id and chunks_sent is not None:
+            self.records[utterance_id]["chunks_sent"] = chunks_sent
+        return Moved(current is not None, current or 0, current is not None)
 
     def renew_lease(self, conversation_id: str, token: str, ttl_s: float, epoch: int | None = None) -> bool:
         return token == self.lease

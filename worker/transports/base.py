@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis
+
+    from ..store import RoomAppend
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -54,6 +59,15 @@ class Transport(abc.ABC):
         """Leave what is left of the connection and join again."""
         self.leave()
         self.join(timeout)
+
+    def room_in(self, client: redis.Redis) -> bool:
+        """Whether the room is a stream in ``client``'s Redis database, so that the sender can
+        write each message in the same round trip as its cursor move (:meth:`prepare_append`)."""
+        return False
+
+    def prepare_append(self, message: dict[str, Any]) -> RoomAppend:
+        """The write :meth:`send` would make, for the caller to make itself (rooms in Redis only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a Redis stream")
 
     def write_frames(self, pcm: bytes, sample_rate: int) -> None:
         """Write s16le mono PCM to the room's microphone (microphone echo)."""

@@ -43,6 +43,7 @@ from ..errors import (
     RoomDisconnected,
     SendFailed,
 )
+from ..store import SENT_BEFORE, RoomAppend
 from .base import EventHandler, Transport
 
 log = logging.getLogger("echoq.loopback")
@@ -51,13 +52,8 @@ log = logging.getLogger("echoq.loopback")
 # is retried by the sender; a room takes one send once, so the retry must not append again. The
 # retry carries the same send id, and the recent entries are looked at for it.
 # KEYS: stream ; ARGV: data, origin, send id
-_APPEND_ONCE = """
-for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 8)) do
-  local f = entry[2]
-  for i = 1, #f, 2 do
-    if f[i] == 'send_id' and f[i + 1] == ARGV[3] then return 0 end
-  end
-end
+_APPEND_ONCE = SENT_BEFORE + """
+if sent_before(KEYS[1], ARGV[3]) then return 0 end
 redis.call('XADD', KEYS[1], '*', 'data', ARGV[1], 'origin', ARGV[2], 'send_id', ARGV[3])
 return 1
 """
@@ -135,6 +131,30 @@ class LoopbackTransport(Transport):
             time.sleep(0.05)
 
     def send(self, message: dict[str, Any]) -> None:
+        data, send_id = self._checked(message)
+        try:
+            # origin beside data: tests tell which process sent what; the message stays the wire message
+            self._append(keys=[self._stream], args=[data, self.origin, send_id])
+        except redis.RedisError as exc:
+            self._unsure = (message, send_id)
+            raise SendFailed(f"loopback room {self.room!r}: {exc}") from exc
+        self._unsure = None
+        self._sent_on_join += 1
+
+    def room_in(self, client: redis.Redis) -> bool:
+        """The room is a stream on ``client``'s server and database."""
+        return client.connection_pool.connection_kwargs == self._redis.connection_pool.connection_kwargs
+
+    def prepare_append(self, message: dict[str, Any]) -> RoomAppend:
+        """The room's side of a send whose write the caller makes itself (in its cursor move):
+        the injected faults happen here as in :meth:`send`; the write is the caller's to retry
+        with the same send id until Redis answers."""
+        data, send_id = self._checked(message)
+        self._sent_on_join += 1
+        return RoomAppend(self._stream, data, self.origin, send_id)
+
+    def _checked(self, message: dict[str, Any]) -> tuple[bytes, str]:
+        """The encoded message and its send id, once the room's injected faults let it go."""
         if not self._joined:
             raise RoomDisconnected(f"loopback room {self.room!r} is not joined")
         data = encode(message)
@@ -153,18 +173,9 @@ class LoopbackTransport(Transport):
         if self.fail_rate and self._dice.random() < self.fail_rate:
             raise SendFailed(f"send to loopback room {self.room!r} failed (injected)")
         if self._unsure is not None and self._unsure[0] is message:
-            send_id = self._unsure[1]  # the retry of a send whose outcome is unknown
-        else:
-            self._sends += 1
-            send_id = f"{self._send_prefix}:{self._sends}"
-        try:
-            # origin beside data: tests tell which process sent what; the message stays the wire message
-            self._append(keys=[self._stream], args=[data, self.origin, send_id])
-        except redis.RedisError as exc:
-            self._unsure = (message, send_id)
-            raise SendFailed(f"loopback room {self.room!r}: {exc}") from exc
-        self._unsure = None
-        self._sent_on_join += 1
+            return data, self._unsure[1]  # the retry of a send whose outcome is unknown
+        self._sends += 1
+        return data, f"{self._send_prefix}:{self._sends}"
 
     def write_frames(self, pcm: bytes, sample_rate: int) -> None:
         if not self._joined:

@@ -1,0 +1,358 @@
+"""echoq's benchmarks, one command: each figure beside its anchor in the same run, repeated.
+
+Every subcommand runs on a dedicated Redis database (ECHOQ_BENCH_REDIS_URL, default
+redis://127.0.0.1:6379/8, flushed first and after), repeats its measurement --repeats times and
+prints min / median / max of each figure with the load average before and after.
+
+``delivery``  one real worker process (threads pool, 8 threads), loopback rooms that do not
+              wait for a replica, burst pacing: --audio-seconds of 24 kHz audio on each of
+              --burst-conversations conversations queued at once. Messages/s first to last
+              message on the wire, and the worker's CPU per message (its user + system time
+              over the burst, conversion included). Beside it, a direct loop of
+              ``LoopbackTransport.send`` with the same messages: messages/s and CPU per message.
+              With --latency-samples > 0, also enqueue -> first message of a text echo with
+              --conversations open, and one direct send, p50 / p99.
+``enqueue``   ``EchoqClient.say`` calls/s from one process, one call at a time, and
+              ``say_many`` batches of --batch, to one open conversation (no worker: the
+              doorbells wait in the broker).
+``interrupt`` one worker in real-time pacing, one conversation speaking a long utterance with
+              --queued texts queued behind it: ``interrupt()`` call -> ``conversation.interrupt``
+              on the wire, --samples times per repeat, p50 / p99 / max.
+
+    .venv/bin/python scripts/bench.py delivery [--repeats 3] [--burst-conversations 4]
+    .venv/bin/python scripts/bench.py enqueue [--repeats 3] [--count 2000] [--batch 200]
+    .venv/bin/python scripts/bench.py interrupt [--repeats 3] [--samples 20] [--queued 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BENCH_URL = os.environ.get("ECHOQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
+os.environ["ECHOQ_REDIS_URL"] = BENCH_URL
+
+from producer.client import EchoqClient  # noqa: E402
+from worker import audio, chunks, echo, keys  # noqa: E402
+from worker.settings import get_settings  # noqa: E402
+from worker.transports.loopback import LoopbackTransport  # noqa: E402
+
+OUT = ROOT / "out" / "bench"
+WORKER_NAME = "bench@localhost"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def wait(pred: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Figures:
+    """Named figures collected over repeats, printed as min / median / max."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def print(self) -> None:
+        width = max(len(n) for n in self.values)
+        for name, vals in self.values.items():
+            print(f"  {name:<{width}}  min {min(vals):10.3f}  median {statistics.median(vals):10.3f}  "
+                  f"max {max(vals):10.3f}  (n={len(vals)})")
+
+
+class Arrivals:
+    """A reader blocked on every room stream, noting when each inference id first appears and
+    when each ``conversation.interrupt`` does."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.r = redis.Redis.from_url(BENCH_URL)
+        self.last = {keys.loopback_room(room): "$" for room in rooms}
+        self.seen: dict[bytes, float] = {}
+        self.interrupts: list[float] = []
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            res = self.r.xread(self.last, block=100, count=1000)  # type: ignore[arg-type]
+            now = time.perf_counter()
+            for stream, entries in res or []:
+                for eid, fields in entries:
+                    self.last[stream.decode()] = eid.decode()
+                    self.count += 1
+                    data = fields[b"data"]
+                    if b'"conversation.interrupt"' in data:
+                        self.interrupts.append(now)
+                        continue
+                    marker = data[data.find(b'"inference_id":"') + 16:].split(b'"', 1)[0]
+                    self.seen.setdefault(marker, now)
+
+
+class Bench:
+    """The bench database, a client, and at most one worker process."""
+
+    def __init__(self) -> None:
+        self.r = redis.Redis.from_url(BENCH_URL)
+        self.r.flushdb()
+        self.settings = get_settings()
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.client = EchoqClient(BENCH_URL)
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def start_worker(self, **env_extra: str) -> int:
+        env = {**os.environ, "ECHOQ_REDIS_URL": BENCH_URL, "ECHOQ_LOG_LEVEL": "WARNING",
+               "ECHOQ_SCAN_INTERVAL_S": "0.5", "ECHOQ_MAX_SESSIONS": "200", **env_extra}
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "-c", "8", "-n", WORKER_NAME],
+            cwd=ROOT, env=env, stdout=(OUT / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+        wait(lambda: self.r.hexists(keys.WORKERS, WORKER_NAME), 60, "the worker")
+        return self.worker.pid
+
+    def open_rooms(self, prefix: str, n: int) -> list[str]:
+        """Open ``n`` loopback conversations ``prefix-i`` (room of the same name), wait until owned."""
+        ids = [f"{prefix}-{i}" for i in range(n)]
+        for cid in ids:
+            self.client.open(cid, f"loopback://{cid}?replica=0")
+        if self.worker is not None:
+            wait(lambda: all(self.r.exists(keys.lease(c)) for c in ids), 60, f"{prefix} rooms joined")
+            time.sleep(1.0)  # let the worker's consumers pick up every conversation queue
+        return ids
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.terminate()
+            self.worker.wait(30)
+        self.r.flushdb()
+
+
+def tone(path: Path, seconds: float, rate: int = 24000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes())
+    return path
+
+
+def header(what: str) -> None:
+    print(f"{what} — machine: {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{platform.platform()}; load average before: {loadavg()}")
+
+
+# delivery ------------------------------------------------------------------------------------
+
+def bench_delivery(args: argparse.Namespace) -> None:
+    header("delivery")
+    b = Bench()
+    figs = Figures()
+    s = b.settings
+    clip = tone(OUT / "burst.wav", args.audio_seconds)
+    try:
+        pid = b.start_worker()
+        if args.latency_samples:
+            latency(b, args, figs)
+        for rep in range(args.repeats):
+            ids = b.open_rooms(f"burst{rep}", args.burst_conversations)
+            cpu0 = cpu_seconds(pid)
+            uids = [b.client.play(cid, clip) for cid in ids]
+            for uid in uids:
+                b.client.wait(uid, timeout=600, poll_s=0.05)
+            cpu = cpu_seconds(pid) - cpu0
+            rooms = [keys.loopback_room(cid) for cid in ids]
+            first = min(int(b.r.xrange(room, count=1)[0][0].split(b"-")[0]) for room in rooms)
+            last = max(int(b.r.xrevrange(room, count=1)[0][0].split(b"-")[0]) for room in rooms)
+            total = sum(b.r.xlen(room) for room in rooms)
+            figs.add("worker, burst: messages/s", total / max(0.001, (last - first) / 1000))
+            figs.add("worker, burst: CPU ms per message", cpu * 1000 / total)
+            for cid in ids:
+                b.client.close(cid)
+
+            # the anchor: direct sends of the same messages, no queue, no log, no cursor
+            direct = LoopbackTransport(f"loopback://direct{rep}?replica=0", redis_client=b.r)
+            direct.join(1)
+            pcm = audio.convert(clip, target_rate=24000, max_bytes=s.max_audio_bytes, max_seconds=s.max_audio_seconds)
+            pieces = list(chunks.rechunk([pcm], chunks.chunk_bytes(24000, s.chunk_ms)))
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = 0
+            for i, (piece, last_piece) in enumerate(chunks.mark_last(pieces * args.burst_conversations)):
+                direct.send(echo.audio_echo("c", piece, 24000, f"d{i // len(pieces)}", last_piece,
+                                            max_bytes=s.max_message_bytes))
+                n += 1
+            figs.add("direct loop: messages/s", n / (time.perf_counter() - t0))
+            figs.add("direct loop: CPU ms per message", (time.process_time() - c0) * 1000 / n)
+            direct.leave()
+            figs.add("ratio worker / direct, messages/s",
+                     figs.values["worker, burst: messages/s"][-1] / figs.values["direct loop: messages/s"][-1])
+    finally:
+        b.close()
+    print(f"{args.burst_conversations} conversations x {args.audio_seconds:g} s of audio "
+          f"({s.chunk_ms} ms chunks), {args.repeats} repeats:")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
+def latency(b: Bench, args: argparse.Namespace, figs: Figures) -> None:
+    """Enqueue -> first message of a text echo, round-robin over --conversations open ones."""
+    ids = b.open_rooms("lat", args.conversations)
+    arrivals = Arrivals(ids)
+    time.sleep(0.3)
+    direct = LoopbackTransport("loopback://direct-lat?replica=0", redis_client=b.r)
+    direct.join(1)
+    text_msg = echo.text_echo("c", "Hello there!", "direct", max_bytes=b.settings.max_message_bytes)
+    try:
+        for rep in range(args.repeats):
+            lat: list[float] = []
+            for n in range(args.latency_samples + 20):
+                uid = f"lat{rep}-{n}"
+                t0 = time.perf_counter()
+                b.client.say(ids[n % len(ids)], "Hello there!", utterance_id=uid)
+                wait(lambda uid=uid: uid.encode() in arrivals.seen, 10, f"utterance {uid}")
+                if n >= 20:  # the first few warm connections and code paths
+                    lat.append((arrivals.seen[uid.encode()] - t0) * 1000)
+            figs.add("text enqueue -> on the wire, p50 ms", pct(lat, 50))
+            figs.add("text enqueue -> on the wire, p99 ms", pct(lat, 99))
+            direct_lat = []
+            for _ in range(args.latency_samples):
+                t0 = time.perf_counter()
+                direct.send(text_msg)
+                direct_lat.append((time.perf_counter() - t0) * 1000)
+            figs.add("direct send, text, p50 ms", pct(direct_lat, 50))
+    finally:
+        arrivals.stop.set()
+        direct.leave()
+    for cid in ids:
+        b.client.close(cid)
+
+
+# enqueue -------------------------------------------------------------------------------------
+
+def bench_enqueue(args: argparse.Namespace) -> None:
+    header("enqueue")
+    b = Bench()
+    figs = Figures()
+    try:
+        b.open_rooms("enq", 1)
+        for rep in range(args.repeats):
+            t0 = time.perf_counter()
+            for n in range(args.count):
+                b.client.say("enq-0", "Hello there!", utterance_id=f"single{rep}-{n}")
+            figs.add("say(), one at a time: calls/s", args.count / (time.perf_counter() - t0))
+            say_many = getattr(b.client, "say_many", None)
+            if say_many is not None:
+                t0 = time.perf_counter()
+                for start in range(0, args.count, args.batch):
+                    say_many("enq-0", ["Hello there!"] * min(args.batch, args.count - start),
+                             utterance_ids=[f"many{rep}-{n}" for n in range(start, min(start + args.batch, args.count))])
+                figs.add(f"say_many(), batches of {args.batch}: utterances/s", args.count / (time.perf_counter() - t0))
+        got = b.client.store.log_length("enq-0")
+        per_rep = args.count * (2 if getattr(b.client, "say_many", None) else 1)
+        assert got == per_rep * args.repeats, f"the log holds {got} entries, expected {per_rep * args.repeats}"
+    finally:
+        b.close()
+    print(f"{args.count} text utterances per figure, {args.repeats} repeats:")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
+# interrupt -----------------------------------------------------------------------------------
+
+def bench_interrupt(args: argparse.Namespace) -> None:
+    header("interrupt")
+    b = Bench()
+    figs = Figures()
+    clip = tone(OUT / "long.wav", 120.0)
+    try:
+        b.start_worker(ECHOQ_PACING="realtime")
+        (cid,) = b.open_rooms("intr", 1)
+        arrivals = Arrivals([cid])
+        time.sleep(0.3)
+        try:
+            for rep in range(args.repeats):
+                lat: list[float] = []
+                for n in range(args.samples):
+                    uid = b.client.play(cid, clip, utterance_id=f"long{rep}-{n}")
+                    wait(lambda uid=uid: uid.encode() in arrivals.seen, 30, "the long utterance on the wire")
+                    for q in range(args.queued):
+                        b.client.say(cid, "queued", utterance_id=f"q{rep}-{n}-{q}")
+                    before = len(arrivals.interrupts)
+                    time.sleep(0.1)  # the long utterance is in flight, the texts wait behind it
+                    t0 = time.perf_counter()
+                    b.client.interrupt(cid)
+                    wait(lambda before=before: len(arrivals.interrupts) > before, 30, "conversation.interrupt")
+                    lat.append((arrivals.interrupts[before] - t0) * 1000)
+                    b.client.wait(uid, timeout=30, poll_s=0.01)
+                figs.add("interrupt() -> conversation.interrupt, p50 ms", pct(lat, 50))
+                figs.add("interrupt() -> conversation.interrupt, p99 ms", pct(lat, 99))
+                figs.add("interrupt() -> conversation.interrupt, max ms", max(lat))
+        finally:
+            arrivals.stop.set()
+    finally:
+        b.close()
+    print(f"{args.samples} interrupts per repeat, {args.queued} queued behind a 120 s utterance "
+          f"in real-time pacing, {args.repeats} repeats:")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("delivery", help="worker messages/s and CPU per message beside a direct send loop")
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--burst-conversations", type=int, default=4)
+    d.add_argument("--audio-seconds", type=float, default=40.0)
+    d.add_argument("--latency-samples", type=int, default=0)
+    d.add_argument("--conversations", type=int, default=50)
+    e = sub.add_parser("enqueue", help="say() calls/s, single and batched")
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--count", type=int, default=2000)
+    e.add_argument("--batch", type=int, default=200)
+    i = sub.add_parser("interrupt", help="interrupt() -> conversation.interrupt on the wire, 100 queued")
+    i.add_argument("--repeats", type=int, default=3)
+    i.add_argument("--samples", type=int, default=20)
+    i.add_argument("--queued", type=int, default=100)
+    args = ap.parse_args()
+    {"delivery": bench_delivery, "enqueue": bench_enqueue, "interrupt": bench_interrupt}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
