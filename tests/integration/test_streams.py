@@ -250,7 +250,8 @@ def test_bad_pieces_get_clear_errors_and_break_nothing(
 
     # 1 s streams at most: the limit is reached by a test in a moment
     workers.start(1, ECHOQ_MAX_AUDIO_SECONDS="1")
-    client.settings.max_audio_seconds = 1.0
+    # a copy: the client's settings are the process-wide ones, which later tests read too
+    client.settings = client.settings.model_copy(update={"max_audio_seconds": 1.0})
     client.open("st-b", "loopback://st-room-b")
     client.open("st-m", "loopback://st-room-m", mode="microphone")
     with pytest.raises(UnknownConversation):
