@@ -211,8 +211,12 @@ def test_sigterm_of_the_owner_mid_stream_hands_it_over_with_nothing_lost_or_repe
         s.finish(pieces[-1])
     assert stopped and client.wait(s.utterance_id, timeout=60)["state"] in ("sent", "spoken")
     old = next(w for w in workers.started if w.proc.poll() is not None)
-    assert old.proc.wait(30) == 0 and "worker stopping" in old.log()
+    # it stopped mid-stream, between two chunks (sender.stopped) or waiting for a piece (a hand-over)
+    assert old.proc.wait(30) == 0 and ("sender.stopped" in old.log() or "worker stopping" in old.log())
     assert pcm_of(echoes_of(redis_client, "st-room-t", s.utterance_id)) == pieces  # each piece exactly once
+    # and the next owner sent the rest: the room's stream names two senders, the old one first
+    senders = [fields[b"origin"].decode().split(":")[0] for _id, fields in redis_client.xrange(keys.loopback_room("st-room-t"))]
+    assert senders[0] == old.name and len(dict.fromkeys(senders)) == 2, dict.fromkeys(senders)
 
 
 def test_an_abandoned_stream_is_finished_after_the_idle_time_and_the_next_utterance_plays(
