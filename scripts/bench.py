@@ -95,34 +95,49 @@ class Figures:
                   f"max {max(vals):10.3f}  (n={len(vals)})")
 
 
-class Arrivals:
-    """A reader blocked on every room stream, noting when each inference id first appears and
-    when each ``conversation.interrupt`` does."""
+class RoomReader:
+    """A reader blocked on every room stream, from its start (``$`` would be read again at every
+    call and miss what came in between), handing each message to :meth:`take` with the time it
+    was read."""
 
     def __init__(self, rooms: list[str]) -> None:
         self.r = redis.Redis.from_url(BENCH_URL)
-        self.last = {keys.loopback_room(room): "$" for room in rooms}
-        self.seen: dict[bytes, float] = {}
-        self.interrupts: list[float] = []
-        self.count = 0
+        self.last = {keys.loopback_room(room): "0-0" for room in rooms}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
+
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         while not self.stop.is_set():
             res = self.r.xread(self.last, block=100, count=1000)  # type: ignore[arg-type]
             now = time.perf_counter()
             for stream, entries in res or []:
+                name = stream.decode()
                 for eid, fields in entries:
-                    self.last[stream.decode()] = eid.decode()
-                    self.count += 1
-                    data = fields[b"data"]
-                    if b'"conversation.interrupt"' in data:
-                        self.interrupts.append(now)
-                        continue
-                    marker = data[data.find(b'"inference_id":"') + 16:].split(b'"', 1)[0]
-                    self.seen.setdefault(marker, now)
+                    self.last[name] = eid.decode()
+                    self.take(name, fields, now)
+
+
+class Arrivals(RoomReader):
+    """Notes when each inference id first appears and when each ``conversation.interrupt`` does."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.seen: dict[bytes, float] = {}
+        self.interrupts: list[float] = []
+        self.count = 0
+        super().__init__(rooms)
+
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+        self.count += 1
+        data = fields[b"data"]
+        if b'"conversation.interrupt"' in data:
+            self.interrupts.append(now)
+            return
+        marker = data[data.find(b'"inference_id":"') + 16:].split(b'"', 1)[0]
+        self.seen.setdefault(marker, now)
 
 
 class Bench:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 BENCH_URL = os.environ.get("ECHOQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 os.environ["ECHOQ_REDIS_URL"] = BENCH_URL
 
-from bench import pct, wait  # noqa: E402  (the same percentile and polling)
+from bench import RoomReader, pct, wait  # noqa: E402  (the same reader, percentile and polling)
 
 from producer.client import EchoqClient  # noqa: E402
 from worker import chunks, echo, keys  # noqa: E402
@@ -46,27 +46,15 @@ RATE = 24000
 PIECE_S = 0.02
 
 
-class Arrivals:
-    """A reader blocked on every room stream, noting when the k-th message of each room appears."""
+class Arrivals(RoomReader):
+    """Notes when the k-th message of each room appears."""
 
     def __init__(self, rooms: list[str]) -> None:
-        self.r = redis.Redis.from_url(BENCH_URL)
-        # from the start: "$" would be read again at every call and miss what came in between
-        self.last = {keys.loopback_room(room): "0-0" for room in rooms}
         self.seen: dict[str, list[float]] = defaultdict(list)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
+        super().__init__(rooms)
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            res = self.r.xread(self.last, block=100, count=1000)  # type: ignore[arg-type]
-            now = time.perf_counter()
-            for stream, entries in res or []:
-                name = stream.decode()
-                for eid, _fields in entries:
-                    self.last[name] = eid.decode()
-                    self.seen[name].append(now)
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+        self.seen[stream].append(now)
 
 
 def real_time(pieces: list[bytes], send: object, sent_at: list[float]) -> None:
