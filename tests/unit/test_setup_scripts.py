@@ -65,3 +65,14 @@ def test_package_metadata_uses_the_spdx_license_string_with_a_setuptools_that_re
     match = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", setuptools)
     assert match and int(match.group(1)) >= 77, setuptools  # PEP 639 license strings: setuptools 77
     assert not any(c.startswith("License ::") for c in meta["project"].get("classifiers", []))
+
+
+def test_a_tick_after_the_scheduler_closed_publishes_nothing_and_raises_nothing() -> None:
+    """A stop signal can close beat's scheduler (lock released, set to None) between two ticks."""
+    from producer.scripting.scheduler import Scheduler
+
+    closed = object.__new__(Scheduler)
+    closed.lock_key = "echoq:redbeat::lock"
+    closed.lock = None
+    closed.max_interval = 1.0
+    assert closed.tick() == 1.0
