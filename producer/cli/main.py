@@ -276,22 +276,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_settings()
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"echoq: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except UnknownConversation as exc:
-        print(f"echoq: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    except (InvalidInput, AudioError) as exc:
-        print(f"echoq: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN if str(exc).startswith("no utterance") else EXIT_USAGE
-    except BackendUnavailable as exc:
-        print(f"echoq: {exc}", file=sys.stderr)
-        return EXIT_BACKEND
     except EchoqError as exc:
         print(f"echoq: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _exit_status(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _exit_status(exc: EchoqError) -> int:
+    """The exit status for an echoq error: 2 bad input or settings, 3 unknown thing, 5 Redis away, 1 else."""
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, UnknownConversation):
+        return EXIT_UNKNOWN
+    if isinstance(exc, InvalidInput | AudioError):
+        return EXIT_UNKNOWN if str(exc).startswith("no utterance") else EXIT_USAGE
+    if isinstance(exc, BackendUnavailable):
+        return EXIT_BACKEND
+    return EXIT_FAILED
 
 
