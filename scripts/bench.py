@@ -15,12 +15,19 @@ prints min / median / max of each figure with the load average before and after.
 ``enqueue``   ``EchoqClient.say`` calls/s from one process, one call at a time, and
               ``say_many`` batches of --batch, to one open conversation (no worker: the
               doorbells wait in the broker).
+``pacing``    one worker in real-time pacing (--threads pool threads), --rooms conversations each
+              playing two --seconds clips back to back, all enqueued at once: how late each
+              chunk reaches the room against the real-time schedule its utterance's first
+              chunk set (p50 / p99 / max, and the last chunk's lateness: falling behind shows
+              there), enqueue -> first chunk, the silence between the two clips beyond one chunk
+              interval, how many rooms finished, and lease losses in the worker's log.
 ``interrupt`` one worker in real-time pacing, one conversation speaking a long utterance with
               --queued texts queued behind it: ``interrupt()`` call -> ``conversation.interrupt``
               on the wire, --samples times per repeat, p50 / p99 / max.
 
     .venv/bin/python scripts/bench.py delivery [--repeats 3] [--burst-conversations 4]
     .venv/bin/python scripts/bench.py enqueue [--repeats 3] [--count 2000] [--batch 200]
+    .venv/bin/python scripts/bench.py pacing [--repeats 3] [--rooms 100] [--seconds 20] [--threads 8]
     .venv/bin/python scripts/bench.py interrupt [--repeats 3] [--samples 20] [--queued 100]
 """
 
@@ -151,11 +158,11 @@ class Bench:
         self.client = EchoqClient(BENCH_URL)
         self.worker: subprocess.Popen[bytes] | None = None
 
-    def start_worker(self, **env_extra: str) -> int:
+    def start_worker(self, threads: int = 8, **env_extra: str) -> int:
         env = {**os.environ, "ECHOQ_REDIS_URL": BENCH_URL, "ECHOQ_LOG_LEVEL": "WARNING",
                "ECHOQ_SCAN_INTERVAL_S": "0.5", "ECHOQ_MAX_SESSIONS": "200", **env_extra}
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "-c", "8", "-n", WORKER_NAME],
+            [sys.executable, "-m", "producer.cli", "worker", "-c", str(threads), "-n", WORKER_NAME],
             cwd=ROOT, env=env, stdout=(OUT / "worker.log").open("wb"), stderr=subprocess.STDOUT)
         wait(lambda: self.r.hexists(keys.WORKERS, WORKER_NAME), 60, "the worker")
         return self.worker.pid
@@ -307,6 +314,99 @@ def bench_enqueue(args: argparse.Namespace) -> None:
     print(f"load average after: {loadavg()}")
 
 
+# pacing --------------------------------------------------------------------------------------
+
+class Chunks(RoomReader):
+    """Every audio message's arrival, per room and inference id, in order."""
+
+    def __init__(self, rooms: list[str]) -> None:
+        self.arrivals: dict[tuple[str, bytes], list[float]] = {}
+        self.count = 0
+        super().__init__(rooms)
+
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+        self.count += 1
+        data = fields[b"data"]
+        marker = data[data.find(b'"inference_id":"') + 16:].split(b'"', 1)[0]
+        self.arrivals.setdefault((stream, marker), []).append(now)
+
+
+def bench_pacing(args: argparse.Namespace) -> None:
+    header("pacing")
+    b = Bench()
+    figs = Figures()
+    chunk_s = b.settings.chunk_ms / 1000
+    clip = tone(OUT / "pace.wav", args.seconds)
+    per_utt = int(round(args.seconds / chunk_s))
+    try:
+        b.start_worker(threads=args.threads, ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS=str(args.rooms + 10))
+        for rep in range(args.repeats):
+            ids = b.open_rooms(f"pace{rep}", args.rooms)
+            reader = Chunks(ids)
+            time.sleep(0.3)
+            t_enq: dict[str, float] = {}
+            uids = []
+            for cid in ids:
+                t_enq[cid] = time.perf_counter()
+                uids.append((cid, b.client.play(cid, clip, utterance_id=f"{cid}-a"),
+                             b.client.play(cid, clip, utterance_id=f"{cid}-b")))
+            deadline = time.monotonic() + 2 * args.seconds * 3 + 60
+            while time.monotonic() < deadline and reader.count < 2 * per_utt * len(ids):
+                time.sleep(0.2)
+            reader.stop.set()
+            late: list[float] = []
+            last_late: list[float] = []
+            first: list[float] = []
+            gaps: list[float] = []
+            finished = 0
+            for cid in ids:
+                room = keys.loopback_room(cid)
+                a = reader.arrivals.get((room, f"{cid}-a".encode()), [])
+                bb = reader.arrivals.get((room, f"{cid}-b".encode()), [])
+                if len(a) == per_utt and len(bb) == per_utt:
+                    finished += 1
+                if a:
+                    first.append((a[0] - t_enq[cid]) * 1000)
+                for times in (a, bb):
+                    if not times:
+                        continue
+                    # the pacer keeps one chunk ahead of playback: chunks 0 and 1 go at once and
+                    # chunk k (k >= 1) is due k - 1 intervals after the earliest start that every
+                    # later chunk allows (so lateness is never negative); chunk 0 is timed above
+                    if len(times) < 2:
+                        continue
+                    start = min(t - (k - 1) * chunk_s for k, t in enumerate(times) if k)
+                    late.extend((t - start - (k - 1) * chunk_s) * 1000 for k, t in enumerate(times) if k)
+                    last_late.append(late[-1])
+                if a and bb:
+                    # clip a's audio ends one interval after its last chunk went (sent one ahead);
+                    # b's first chunk should be there by then: silence is anything beyond
+                    gaps.append(max(0.0, (bb[0] - (a[-1] + chunk_s)) * 1000))
+            figs.add("rooms that got every chunk of both clips", finished)
+            if late:
+                figs.add("chunk lateness p50 ms", pct(late, 50))
+                figs.add("chunk lateness p99 ms", pct(late, 99))
+                figs.add("chunk lateness max ms", max(late))
+                figs.add("last chunk lateness p99 ms (behind real time)", pct(last_late, 99))
+            if first:
+                figs.add("enqueue -> first chunk p50 ms", pct(first, 50))
+                figs.add("enqueue -> first chunk max ms", max(first))
+            if gaps:
+                figs.add("silence between the clips p50 ms", pct(gaps, 50))
+                figs.add("silence between the clips p99 ms", pct(gaps, 99))
+            for cid in ids:
+                b.client.close(cid)
+            wait(lambda ids=ids: not any(b.r.exists(keys.lease(c)) for c in ids), 120, "rooms closed")
+        log = (OUT / "worker.log").read_text(errors="replace")
+        figs.add("lease.lost in the worker log (all repeats)", log.count("lease.lost"))
+    finally:
+        b.close()
+    print(f"{args.rooms} rooms x 2 clips of {args.seconds:g} s ({b.settings.chunk_ms} ms chunks), one worker with "
+          f"{args.threads} threads, real-time pacing, {args.repeats} repeats:")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
 # interrupt -----------------------------------------------------------------------------------
 
 def bench_interrupt(args: argparse.Namespace) -> None:
@@ -360,12 +460,17 @@ def main() -> int:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--count", type=int, default=2000)
     e.add_argument("--batch", type=int, default=200)
+    pa = sub.add_parser("pacing", help="real-time pacing of many rooms: chunk lateness, first chunk, gaps")
+    pa.add_argument("--repeats", type=int, default=1)
+    pa.add_argument("--rooms", type=int, default=100)
+    pa.add_argument("--seconds", type=float, default=20.0)
+    pa.add_argument("--threads", type=int, default=8)
     i = sub.add_parser("interrupt", help="interrupt() -> conversation.interrupt on the wire, 100 queued")
     i.add_argument("--repeats", type=int, default=3)
     i.add_argument("--samples", type=int, default=20)
     i.add_argument("--queued", type=int, default=100)
     args = ap.parse_args()
-    {"delivery": bench_delivery, "enqueue": bench_enqueue, "interrupt": bench_interrupt}[args.what](args)
+    {"delivery": bench_delivery, "enqueue": bench_enqueue, "pacing": bench_pacing, "interrupt": bench_interrupt}[args.what](args)
     return 0
 
 
