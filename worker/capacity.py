@@ -1,12 +1,13 @@
 """How many conversations a worker may hold, and saying so when none can take one.
 
-**The rule.** A sender that paces in real time keeps one of the worker's threads for as long as
-an utterance plays (it sleeps between messages). A worker therefore holds at most
-``threads - CONTROL_THREADS`` conversations that pace in real time, so that opens, interrupts,
-closes and script pumps always find a free thread; in ``burst`` pacing a sender gives its
-thread back as soon as the room has taken the messages, and ``ECHOQ_MAX_SESSIONS`` alone limits
-it. Microphone conversations always pace in real time and count against the thread limit in
-either pacing.
+**The rule.** In real-time pacing echo audio is sent by the process's one pacing loop
+(:mod:`worker.pacing`): a playing conversation holds no thread of the pool, and
+``ECHOQ_MAX_SESSIONS`` alone limits a worker, as in ``burst`` pacing, where a sender gives its
+thread back as soon as the room has taken the messages. A sender that paces in real time on a
+thread of its own — a microphone conversation, or any conversation with
+``ECHOQ_PACING_LOOP=false`` — keeps that thread for as long as an utterance plays, so a worker
+holds at most ``threads - CONTROL_THREADS`` of those, and opens, interrupts, closes and script
+pumps always find a free thread.
 
 **Waiting, never silent.** Workers publish ``sessions`` and their limit in :data:`keys.WORKERS`
 every scan. A conversation that nobody owns while every live worker is at its limit is marked
@@ -33,7 +34,8 @@ CONTROL_THREADS = 2
 STALE_SCANS = 5
 
 REASON_NO_WORKER = "no worker is running"
-REASON_FULL = "every worker is at its session limit (ECHOQ_MAX_SESSIONS, or threads - 2 in realtime pacing)"
+REASON_FULL = ("every worker is at its session limit (ECHOQ_MAX_SESSIONS; threads - 2 for microphone conversations, "
+               "and for every conversation in realtime pacing with ECHOQ_PACING_LOOP=false)")
 
 # KEYS: conversation, events ; ARGV: reason, now — marks an unowned, not closed conversation
 # waiting once (1), or leaves it as it is (0)
@@ -56,14 +58,15 @@ def realtime_slots(threads: int) -> int:
 
 def session_limit(settings: Settings, threads: int) -> int:
     """The most conversations one worker holds at the configured pacing (see the module doc)."""
-    if settings.pacing == "realtime":
+    if settings.pacing == "realtime" and not settings.pacing_loop:
         return min(settings.max_sessions, realtime_slots(threads))
     return settings.max_sessions
 
 
 def paces_in_real_time(settings: Settings, mode: str) -> bool:
-    """Whether a conversation in ``mode`` holds a thread while it plays."""
-    return settings.pacing == "realtime" or mode == "microphone"
+    """Whether a conversation in ``mode`` holds a thread while it plays (in real-time pacing the
+    pacing loop sends echo audio, unless ``ECHOQ_PACING_LOOP=false``)."""
+    return (settings.pacing == "realtime" and not settings.pacing_loop) or mode == "microphone"
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,15 @@ class ReplicaAbsent(RetryableError):
 
 class BackendUnavailable(RetryableError):
     """Redis, which holds the queues and the conversation logs, cannot be reached."""
+
+
+class LeaseLost(EchoqError):
+    """Another worker owns the conversation now; stop at once."""
+
+
+class Interrupted(Exception):  # noqa: N818 - what happened, caught to stop an utterance
+    """The conversation was interrupted while an utterance was being sent."""
+
+
+class Stopping(Exception):  # noqa: N818 - what is happening, caught at a message boundary
+    """The worker is letting the conversation go: stop at this message boundary."""

@@ -44,6 +44,12 @@ CONVERSATIONS_WAITING = Gauge(
     "echoq_conversations_waiting",
     "Open conversations no worker could take at this worker's last scan (every worker at its limit)",
 )
+PACING_LATENESS = Histogram(
+    "echoq_pacing_lateness_seconds",
+    "How late the pacing loop took a real-time audio chunk that was due",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
+)
+PACING_PLAYING = Gauge("echoq_pacing_playing", "Utterances the pacing loop is playing now")
 BACKLOG = Gauge("echoq_backlog", "Log entries not yet sent, per conversation", ["conversation_id"])
 
 # Pre-create the fixed label sets so dashboards see zeros instead of missing series.
@@ -86,6 +92,15 @@ def send_fenced() -> None:
 def first_message(seconds: float) -> None:
     """Observe the time from an utterance's enqueue to its first message in the room."""
     FIRST_AUDIO_SECONDS.observe(seconds)
+
+
+def pacing_lateness(seconds: float) -> None:
+    """A real-time chunk was taken ``seconds`` after it was due."""
+    PACING_LATENESS.observe(max(0.0, seconds))
+
+
+def pacing_playing(n: int) -> None:
+    PACING_PLAYING.set(n)
 
 
 def sessions_held(n: int) -> None:

@@ -28,23 +28,18 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from . import chunks
 from .errors import PermanentError, RetryableError
 from .logs import ms_since, step
+from .readahead import ReadAhead as FrameReader
 from .sender import Progress, Sender, SendExhausted
 
 log = logging.getLogger("echoq.microphone")
 
-#: how long the reader thread waits on a full queue before it looks at its stop flag again
-_PUT_POLL_S = 0.1
-#: how long closing a reader waits for its thread (and the decoder under it) to finish
-_CLOSE_TIMEOUT_S = 5.0
 
 
 class FrameClock:
@@ -79,67 +74,6 @@ class FrameClock:
         if self._anchor is None:
             return math.inf
         return self._now() - (self._anchor + self._written)
-
-
-class FrameReader:
-    """One utterance's frames, converted on a thread of its own a bounded way ahead of the writer.
-
-    ``open_frames`` is called on that thread and returns the frame iterator (for a
-    :class:`MicrophoneSender`, the echo sender's conversion cut into frames); any error it or
-    the iteration raises comes out of :meth:`frames` in the writer's thread. :meth:`close` stops
-    the thread, which closes the iterator (and so the decoder under it).
-    """
-
-    def __init__(self, utterance_id: str, open_frames: Callable[[], Iterator[bytes]], ahead: int) -> None:
-        self.utterance_id = utterance_id
-        self._open = open_frames
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, ahead))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"echoq-mic-read-{utterance_id[:8]}", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: tuple[str, Any]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_PUT_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            stream = self._open()
-            try:
-                for frame in stream:
-                    if not self._put(("frame", frame)):
-                        return
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as exc:  # handed to the writer, which raises it as its own
-            self._put(("error", exc))
-            return
-        self._put(("end", None))
-
-    def frames(self) -> Iterator[bytes]:
-        """The frames in order; raises what the conversion raised."""
-        while True:
-            kind, value = self._queue.get()
-            if kind == "frame":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-
-    def close(self) -> None:
-        """Stop converting and wait (bounded) for the thread to let go of the decoder."""
-        self._stop.set()
-        self._thread.join(_CLOSE_TIMEOUT_S)
-        if self._thread.is_alive():
-            log.warning("microphone reader for %s did not stop within %.0fs", self.utterance_id, _CLOSE_TIMEOUT_S)
 
 
 class MicrophoneSender(Sender):

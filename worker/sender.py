@@ -28,19 +28,25 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
+import redis
+
 from . import audio, chunks, echo, metrics
-from .errors import (
-    EchoqError,
+from .errors import (  # LeaseLost, Interrupted, Stopping: imported from here by the rest too
+    Interrupted,
     JoinFailed,
+    LeaseLost,
     MessageTooLarge,
     PermanentError,
     RetryableError,
     RoomDisconnected,
+    Stopping,
 )
 from .fencing import Fence, until_redis_answers
 from .logs import ms_since, step
+from .pacing import AHEAD_CHUNKS, Handed, NeedsThread, PreparedChunk
+from .readahead import ReadAhead
 from .settings import Settings
-from .store import Moved, RoomAppend, Store
+from .store import MoveCall, Moved, RoomAppend, Store
 from .transports import Transport
 
 log = logging.getLogger("echoq.sender")
@@ -49,20 +55,12 @@ Progress = Callable[[str, int, int | None], None]
 T = TypeVar("T")
 
 
-class LeaseLost(EchoqError):
-    """Another worker owns the conversation now; stop at once."""
-
-
-class Interrupted(Exception):
-    """The conversation was interrupted while an utterance was being sent."""
-
-
-class Stopping(Exception):
-    """The worker is letting the conversation go: stop at this message boundary."""
-
-
 class SendExhausted(RetryableError):
     """A message could not be sent within the retry budget; the drain is tried again later."""
+
+
+#: how often (in chunks) an audio utterance's record gets its chunks_sent count
+_RECORD_EVERY = 25
 
 
 class _Move(NamedTuple):
@@ -152,11 +150,32 @@ class Sender:
         client = getattr(store, "r", None)  # a store kept elsewhere than Redis never folds
         self.folds = client is not None and transport.room_in(client)
         self._next_move: _Move | None = None
+        #: hands an audio utterance to the process's pacing loop (real-time pacing), which calls
+        #: :meth:`send_paced_chunk` when each chunk is due; None: this thread paces (see
+        #: :mod:`worker.pacing`)
+        self.handoff: Callable[[Sender, dict[str, Any], int], None] | None = None
+        #: set while the pacing loop sends: a step that would wait raises NeedsThread instead
+        self.no_wait = False
+        self._prefetched: ReadAhead | None = None  # its audio, decoding while this one plays
+        self._prefetch_lock = threading.Lock()
+        self._on_thread: str | None = None  # an utterance the loop gave back: this thread sends it
 
     # the loop ------------------------------------------------------------------------------
 
     def drain(self, progress: Progress | None = None) -> int:
-        """Send every entry after the cursor; returns how many entries were handled."""
+        """Send every entry after the cursor; returns how many entries were handled. Raises
+        :class:`~worker.pacing.Handed` when an utterance went to the pacing loop."""
+        try:
+            handled = self._drain(progress)
+        except Handed:  # the loop has the utterance, and the next one's decoder is started for it
+            raise
+        except BaseException:
+            self.drop_prefetched()
+            raise
+        self.drop_prefetched()
+        return handled
+
+    def _drain(self, progress: Progress | None) -> int:
         handled = 0
         while not self.stopping():
             cur = self.store.cursor(self.cid)
@@ -246,6 +265,9 @@ class Sender:
                 sent = self._send_text(entry)
             elif entry["kind"] in self.deliverers:
                 sent = self.deliverers[entry["kind"]](self, entry, first_chunk, progress)
+            elif self.handoff is not None and self._on_thread != uid:
+                self.handoff(self, entry, first_chunk)  # raises Handed: the loop sends it
+                raise AssertionError("the pacing loop did not take the utterance")
             else:
                 sent = self._send_audio(entry, first_chunk, progress)
         except Interrupted:
@@ -254,6 +276,18 @@ class Sender:
         except PermanentError as exc:
             self._fail(entry, exc, cut=bool(entry.get("_first_sent")) or first_chunk > 0)
             return
+        self._on_thread = None
+        self.finish_sent(entry, sent, t0)
+
+    def resume_on_thread(self, entry: dict[str, Any]) -> None:
+        """The pacing loop gave ``entry`` back (a send to retry, a room to rejoin): the next drain
+        sends the rest of it itself, with the back-offs the loop does not wait for."""
+        self._on_thread = entry["utterance_id"]
+
+    def finish_sent(self, entry: dict[str, Any], sent: int, t0: float, *, paced: str | None = None) -> None:
+        """Record an utterance whose last message is in the room (``t0``: when it started;
+        ``paced``: ``"loop"`` when the pacing loop sent it)."""
+        uid, seq = entry["utterance_id"], int(entry["seq"])
 
         def record() -> str:
             state = self.store.mark_sent(uid, sent)
@@ -263,7 +297,20 @@ class Sender:
 
         state = self._record(record, "sent utterance")
         metrics.utterance_finished(state)
-        step(log, "utterance.sent", conversation=self.cid, utterance=uid, seq=seq, messages=sent, ms=ms_since(t0))
+        step(log, "utterance.sent", conversation=self.cid, utterance=uid, seq=seq, messages=sent, ms=ms_since(t0),
+             paced=paced)
+
+    def fail(self, entry: dict[str, Any], exc: PermanentError, *, cut: bool) -> None:
+        """Fail one utterance (see :meth:`_fail`); for the pacing loop's executor."""
+        self._fail(entry, exc, cut=cut)
+
+    def mark_interrupted(self, entry: dict[str, Any]) -> None:
+        """Record an utterance cut by an interrupt; for the pacing loop's executor."""
+        self._mark_interrupted(entry)
+
+    def check_interrupt(self) -> None:
+        """Raise :class:`Interrupted` if an interrupt came since this sender last looked."""
+        self._check_interrupt()
 
     def _fail(self, entry: dict[str, Any], exc: PermanentError, *, cut: bool) -> None:
         """Fail one utterance and go on. ``cut``: part of it is in the room already, so the room
@@ -321,11 +368,111 @@ class Sender:
 
         return put
 
+    # the pacing loop's side ------------------------------------------------------------------
+
+    def take_reader(self, entry: dict[str, Any]) -> ReadAhead:
+        """The audio of ``entry``, decoding ahead on a thread: the one started while the entry
+        before it played, if any. Once it is decoded, the next entry's decoder starts."""
+        uid = entry["utterance_id"]
+        with self._prefetch_lock:
+            reader, self._prefetched = self._prefetched, None
+        if reader is not None and reader.utterance_id != uid:
+            reader.close()
+            reader = None
+        if reader is None:
+            reader = self._read_ahead(entry)
+        return reader
+
+    def _read_ahead(self, entry: dict[str, Any]) -> ReadAhead:
+        # once this one is decoded (its last chunks wait to be sent), the next one starts
+        return ReadAhead(entry["utterance_id"], lambda: chunks.mark_last(self._pcm_chunks(entry)), AHEAD_CHUNKS,
+                         on_end=lambda: self._prefetch_after(int(entry["seq"])))
+
+    def _prefetch(self, entry: dict[str, Any]) -> None:
+        with self._prefetch_lock:
+            if self._prefetched is None:
+                self._prefetched = self._read_ahead(entry)
+
+    def _prefetch_after(self, seq: int) -> None:
+        """Start decoding the entry after ``seq`` if it is audio (an entry queued after the
+        drain looked: it would otherwise start only when this one has been sent)."""
+        if self._prefetched is not None or self.stopping():
+            return
+        try:
+            following = self.store.entries_after(self.cid, seq, count=1)
+        except redis.RedisError:  # only a head start: the drain decodes it anyway
+            return
+        if following and following[0].get("kind") == "audio":
+            self._prefetch(following[0])
+
+    def drop_prefetched(self) -> None:
+        """Stop decoding the next entry ahead (it will not be sent by this sender as it is)."""
+        with self._prefetch_lock:
+            reader, self._prefetched = self._prefetched, None
+        if reader is not None:
+            reader.close()
+
+    def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool, *, first: bool) -> None:
+        """Send chunk ``index`` of an audio utterance now, for the pacing loop: the steps of
+        :meth:`_deliver` for one piece, with every wait replaced by :class:`NeedsThread`."""
+        if first and not self.folds:
+            self._check_interrupt()
+        uid, seq = entry["utterance_id"], int(entry["seq"])
+        count = index + 1 if index % _RECORD_EVERY == 0 else None
+        move = _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
+        message = echo.audio_echo(self.wire_id, pcm, int(entry["sample_rate"]), entry["inference_id"], last,
+                                  max_bytes=self.settings.max_message_bytes)
+        self.no_wait = True
+        try:
+            self._send_moving(lambda: self._send(message, kind="audio", entry=entry), move)
+        finally:
+            self.no_wait = False
+
+    def prepare_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool) -> PreparedChunk:
+        """Chunk ``index`` for a room that folds (its write rides on the cursor move), up to the
+        move itself, which the pacing loop makes for many rooms in one round trip
+        (:meth:`Store.move_many`) and hands back to :meth:`commit_paced_chunk`. The steps of
+        :meth:`_send`'s first attempt; what it would retry after a wait raises NeedsThread."""
+        message = echo.audio_echo(self.wire_id, pcm, int(entry["sample_rate"]), entry["inference_id"], last,
+                                  max_bytes=self.settings.max_message_bytes)
+        if not self.transport.connected:
+            raise NeedsThread(f"the room of {self.cid} is to be rejoined")
+        self._fenced()
+        try:
+            append = self.transport.prepare_append(message)
+        except MessageTooLarge:
+            raise
+        except RetryableError as exc:
+            metrics.send_retry(type(exc).__name__)
+            raise NeedsThread(f"{type(exc).__name__}: {exc}") from exc
+        uid, seq = entry["utterance_id"], int(entry["seq"])
+        count = index + 1 if index % _RECORD_EVERY == 0 else None
+        chunk = 0 if last else index + 1
+        call = MoveCall(self.cid, self.token, seq if last else seq - 1, chunk, None, self.epoch,
+                        self.settings.lease_ttl_s, uid, count, append, self.gen)
+        return PreparedChunk(call, time.monotonic())
+
+    def commit_paced_chunk(self, entry: dict[str, Any], prepared: PreparedChunk, moved: Moved) -> None:
+        """The answer to a prepared chunk's move: the checks of :meth:`_advance` and the
+        bookkeeping of a sent message."""
+        if moved.held:
+            self.fence.renewed(prepared.requested)
+        else:
+            metrics.send_fenced()
+            step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
+            raise LeaseLost(f"lease on conversation {self.cid} lost")
+        if not moved.done or (moved.gen > self.gen and prepared.call.chunk):
+            raise Interrupted()
+        self.pacer.sent()
+        metrics.message_sent("audio", time.monotonic() - prepared.requested)
+        self._note_first(entry)
+
     def _send_audio(self, entry: dict[str, Any], first_chunk: int, progress: Progress | None) -> int:
         put = self._audio_put(entry)
         stream = self._pcm_chunks(entry)
         try:
-            return self._deliver(entry, stream, first_chunk, put, progress, entry.get("chunks_estimate"), every=25)
+            return self._deliver(entry, stream, first_chunk, put, progress, entry.get("chunks_estimate"),
+                                 every=_RECORD_EVERY)
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
@@ -454,6 +601,8 @@ class Sender:
             t0 = time.monotonic()
             try:
                 if not self.transport.connected:
+                    if self.no_wait:
+                        raise NeedsThread(f"the room of {self.cid} is to be rejoined")
                     self.transport.rejoin(s.join_timeout_s)
                     step(log, "rejoined", conversation=self.cid, ms=ms_since(t0))
                 self._fenced()
@@ -491,6 +640,8 @@ class Sender:
 
     def _backoff(self, attempt: int, reason: str, exc: Exception) -> None:
         metrics.send_retry(reason)
+        if self.no_wait:  # the pacing loop does not wait: a drain thread retries from the cursor
+            raise NeedsThread(f"{reason}: {exc}") from exc
         s = self.settings
         cap = min(s.retry_max_delay_s, s.retry_base_delay_s * (2**attempt))
         delay = cap / 2 + random.uniform(0, cap / 2)

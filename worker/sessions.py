@@ -27,6 +27,7 @@ from celery.utils.nodenames import worker_direct
 from . import capacity, echo, keys, metrics, retention, sealing
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
+from .pacing import Handed, Owner, PacingLoop
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
 from .store import Store
@@ -45,7 +46,7 @@ SPEAKING_STOPPED = {echo.STOPPED_SPEAKING, "conversation.stopped_speaking"}
 _SEEN_EVENTS = 4096
 
 
-class Session:
+class Session(Owner):
     """One conversation's room connection and its ordered sender."""
 
     def __init__(self, manager: SessionManager, conversation_id: str, url: str, mode: str, token: str,
@@ -77,6 +78,9 @@ class Session:
         # the fence opens from when the lease was *requested*, never from when this ran
         self.fence = self.sender.fence
         self.fence.renewed(self.renewed_at)
+        loop = manager.loop
+        if loop is not None and mode != "microphone":
+            self.sender.handoff = lambda sender, entry, first: loop.hand(self, sender, entry, first)
 
     def drain(self, progress: Progress | None = None) -> int:
         """Send the backlog. Only one thread sends; a second caller leaves a note and returns."""
@@ -85,6 +89,7 @@ class Session:
             if not self.lock.acquire(blocking=False):
                 self.pending.set()  # the thread that holds the lock looks at this before it lets go
                 return handled
+            handed = False
             try:
                 self.draining = True
                 self.pending.clear()
@@ -92,6 +97,11 @@ class Session:
                     self.transport.wait_for_replica(self.manager.settings.replica_wait_timeout_s)
                     self.replica_ready = True
                 handled += self.sender.drain(progress)
+            except Handed:
+                # the pacing loop sends the utterance and lets go of the session when it is done
+                # (loop_released), then rings the doorbell: the next drain goes on from there
+                handed = True
+                return handled
             except RetryableError as exc:
                 # the backlog stays; the supervisor rings again. Say why where people look.
                 self.manager.store.set_conversation_fields(self.cid, last_error=str(exc))
@@ -99,15 +109,27 @@ class Session:
                 step(log, "delivery.stalled", logging.WARNING, conversation=self.cid, reason=str(exc))
                 raise
             finally:
-                self.draining = False
-                self.lock.release()
+                if not handed:
+                    self.draining = False
+                    self.lock.release()
             if self.stopped or not self.pending.is_set():
                 return handled
+
+    def loop_released(self, outcome: str) -> None:
+        """The pacing loop is done with this session's utterance (``outcome``): let it go."""
+        self.draining = False
+        self.lock.release()
+
+    def poke(self) -> None:
+        """Make the sender look at its interrupt generation and stop flag now."""
+        self.wake.set()
+        if self.manager.loop is not None:
+            self.manager.loop.poke(self.cid)
 
     def stop(self) -> None:
         """Finish the message in flight, then stop sending (the utterance resumes elsewhere)."""
         self.stopped = True
-        self.wake.set()
+        self.poke()
 
 
 class SessionManager:
@@ -141,6 +163,11 @@ class SessionManager:
         self._drains = ThreadPoolExecutor(max_workers=2, thread_name_prefix="echoq-drain")
         self._threads: list[threading.Thread] = []
         self.shutting_down = False
+        #: real-time pacing: one loop sends every room's echo audio (see worker.pacing)
+        self.loop: PacingLoop | None = None
+        if settings.pacing == "realtime" and settings.pacing_loop:
+            self.loop = PacingLoop(ring=lambda cid: self.ring(cid, here=True),
+                                   drop=lambda cid, reason: self.drop(cid, reason, release=False))
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -149,6 +176,8 @@ class SessionManager:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.loop is not None:
+            self.loop.start()
         step(log, "worker.started", worker=self.hostname, max_sessions=self.limit, threads=self.threads,
              pacing=self.settings.pacing)
 
@@ -165,6 +194,8 @@ class SessionManager:
         for cid in list(self.sessions):
             self.drop(cid, "worker shutdown")
         self._events.put(None)
+        if self.loop is not None:
+            self.loop.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._drains.shutdown(wait=False, cancel_futures=True)
         self.redis.hdel(keys.WORKERS, self.hostname)
@@ -278,6 +309,7 @@ class SessionManager:
             log.warning("cancel_consumer for %s failed: %s", cid, exc)
         # wait for the sender to finish its message in flight before leaving the room
         if session.lock.acquire(timeout=self.settings.send_timeout_s * 2):
+            session.sender.drop_prefetched()  # a decoder started ahead for what is not sent here
             session.lock.release()
         session.transport.leave()
         if release:

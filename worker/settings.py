@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # Pacing
     pacing: Literal["burst", "realtime"] = "burst"
     max_messages_per_second: float = Field(default=0.0, ge=0, description="0 means no limit")
+    pacing_loop: bool = Field(default=True, description="realtime: one loop paces every room's audio (false: a pool "
+                              "thread per playing room)")
 
     # Microphone echo
     mic_frame_ms: int = Field(default=20, ge=10, le=100, description="Audio per microphone-track write, a multiple of 10 ms")

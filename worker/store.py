@@ -245,6 +245,36 @@ class RoomAppend:
 
 
 @dataclass(frozen=True)
+class MoveCall:
+    """The arguments of one :meth:`Store.move`."""
+
+    conversation_id: str
+    token: str
+    seq: int
+    chunk: int
+    gen: int | None = None
+    epoch: int | None = None
+    ttl_s: float | None = None
+    utterance_id: str | None = None
+    chunks_sent: int | None = None
+    append: RoomAppend | None = None
+    refuse_above: int | None = None
+
+    def keys(self) -> list[str]:
+        cursor_key = keys.conv_cursor(self.conversation_id)
+        return [keys.lease(self.conversation_id), keys.conversation(self.conversation_id), cursor_key,
+                keys.utterance(self.utterance_id) if self.utterance_id else cursor_key,
+                self.append.stream if self.append else cursor_key]
+
+    def args(self) -> list[Any]:
+        count = self.chunks_sent if self.utterance_id else None
+        a = self.append
+        return [self.token, _arg(self.epoch), _ms(self.ttl_s), self.seq, self.chunk, _arg(self.gen),
+                _arg(self.refuse_above), _arg(count), a.data if a else "", a.origin if a else "",
+                a.send_id if a else ""]
+
+
+@dataclass(frozen=True)
 class Moved:
     """A cursor move's answer: whether the lease was held, the interrupt generation, and whether
     the move (and its append) happened; not when an interrupt came first."""
@@ -401,16 +431,19 @@ class Store:
         ``utterance_id``, and the message ``append`` into its room stream (once, even when the
         call is retried after a lost reply), unless an interrupt newer than ``refuse_above``
         came first."""
-        cursor_key = keys.conv_cursor(conversation_id)
-        count = chunks_sent if utterance_id else None
-        held, current, done = self._advance(
-            keys=[keys.lease(conversation_id), keys.conversation(conversation_id), cursor_key,
-                  keys.utterance(utterance_id) if utterance_id else cursor_key,
-                  append.stream if append else cursor_key],
-            args=[token, _arg(epoch), _ms(ttl_s), seq, chunk, _arg(gen), _arg(refuse_above), _arg(count),
-                  append.data if append else "", append.origin if append else "", append.send_id if append else ""],
-        )
+        call = MoveCall(conversation_id, token, seq, chunk, gen, epoch, ttl_s, utterance_id, chunks_sent, append,
+                        refuse_above)
+        held, current, done = self._advance(keys=call.keys(), args=call.args())
         return Moved(bool(held), int(current), bool(done))
+
+    def move_many(self, calls: list[MoveCall]) -> list[Moved]:
+        """Many :meth:`move` calls (of different conversations) in one round trip: the pacing
+        loop's batch of chunks that are due at once. Each is atomic on its own; a retry after a
+        lost reply writes no message twice (each append carries its send id)."""
+        pipe = self.r.pipeline(transaction=False)
+        for call in calls:
+            self._advance(keys=call.keys(), args=call.args(), client=pipe)
+        return [Moved(bool(held), int(current), bool(done)) for held, current, done in pipe.execute()]
 
     def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
         """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""

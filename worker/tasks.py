@@ -76,7 +76,7 @@ def interrupt(conversation_id: str) -> dict[str, Any]:
     """Wake the sender so it sees the interrupt now, and send it when the room is idle."""
     session = manager().get(conversation_id)
     if session is not None:
-        session.wake.set()
+        session.poke()
     handled = manager().drain(conversation_id)
     return {"conversation_id": conversation_id, "utterances": handled}
 

@@ -29,6 +29,16 @@ from tests.conftest import IN_CI
 from tests.integration.conftest import FAST_ENV, Workers, running_simulator, wait_for
 
 REPORT_ENV = "ECHOQ_FAULTS_REPORT"
+#: how a fault test's workers pace: 25 messages a second on the sender's own thread (burst pacing
+#: with a cap), or real time on the pacing loop (one thread per worker sends every room's audio)
+PACINGS: dict[str, dict[str, str]] = {"capped": {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"},
+                                      "loop": {"ECHOQ_PACING": "realtime"}}
+
+
+def loop_paced(workers: Workers) -> int:
+    """How many utterances the workers' pacing loops sent to the end or gave back to a thread
+    after a failed send (their logs say so)."""
+    return sum(w.log().count("paced=loop") + w.log().count("pacing.handed_back") for w in workers.started)
 
 
 def _free_port() -> int:

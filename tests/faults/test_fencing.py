@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Rig, wait_for
+from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
 from tests.faults.judge import expected_chunks, judge, noise_wav, sent
 from worker import keys
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
 
-PACED = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"}
 
 
 def _enqueue(rig: Rig, kind: str) -> list[tuple[str, Any]]:
@@ -28,11 +27,14 @@ def _enqueue(rig: Rig, kind: str) -> list[tuple[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("resume", ["while-new-owner-sends", "after-new-owner-finished"])
-@pytest.mark.parametrize("kind", ["text", "audio"])
+@pytest.mark.parametrize(("kind", "resume", "pacing"), [
+    ("text", "while-new-owner-sends", "capped"), ("text", "after-new-owner-finished", "capped"),
+    ("audio", "while-new-owner-sends", "capped"), ("audio", "after-new-owner-finished", "capped"),
+    ("audio", "while-new-owner-sends", "loop"),
+])
 def test_owner_frozen_past_its_lease_sends_nothing_when_resumed(rig: Rig, figures: dict[str, Any], kind: str,
-                                                                 resume: str) -> None:
-    rig.start_workers(2, **PACED)
+                                                                 resume: str, pacing: str) -> None:
+    rig.start_workers(2, **PACINGS[pacing])
     rig.client.open("conv", "loopback://room")
     expected = _enqueue(rig, kind)
     wait_for(lambda: len(sent(rig.client_redis, "room")) >= 10, 30, what="10 messages on the wire")
@@ -65,7 +67,9 @@ def test_owner_frozen_past_its_lease_sends_nothing_when_resumed(rig: Rig, figure
     stream = sent(rig.client_redis, "room")
     from_resumed = [s for s in stream[frozen_after:] if s.origin == token.decode()]
     verdict = judge(stream, expected)
-    figures.update(fault=f"SIGSTOP of the owner past its lease ({kind}), SIGCONT {resume.replace('-', ' ')}",
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"SIGSTOP of the owner past its lease ({kind}), SIGCONT {resume.replace('-', ' ')}"
+                         f"{' (real-time pacing loop)' if pacing == 'loop' else ''}",
                    workers=2, from_resumed=len(from_resumed), recovery_s=round(recovered_s, 2), **verdict.figures())
     assert from_resumed == [], f"the resumed worker sent {len(from_resumed)} message(s)"
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \

@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Rig, wait_for
+from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
 from tests.faults.judge import Verdict, expected_chunks, judge, noise_wav, sent
 from worker.errors import BackendUnavailable
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
 
-PACED = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"}
 ROOMS = ("r0", "r1")
 
 
@@ -64,10 +63,11 @@ def _dead_logs(procs: list[Any]) -> str:
     return "\n".join(f"{p.name} exited {p.proc.returncode}:\n{p.log()[-3000:]}" for p in procs if p.proc.poll() is not None)
 
 
-@pytest.mark.parametrize(("outage_s", "workers"), [(3, 1), (3, 2), (12, 2)])
+@pytest.mark.parametrize(("outage_s", "workers", "pacing"),
+                         [(3, 1, "capped"), (3, 2, "capped"), (12, 2, "capped"), (3, 2, "loop")])
 def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures: dict[str, Any], outage_s: int,
-                                                               workers: int) -> None:
-    procs = rig.start_workers(workers, **PACED)
+                                                               workers: int, pacing: str) -> None:
+    procs = rig.start_workers(workers, **PACINGS[pacing])
     expected = _enqueue(rig)
     wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
     rig.redis.shutdown()  # SHUTDOWN: the AOF is written, then Redis exits
@@ -90,7 +90,9 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
     assert all(p.proc.poll() is None for p in procs), f"a worker died after Redis came back:\n{_dead_logs(procs)}"
 
     verdict = _verdict(rig, expected)
-    figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s", workers=workers,
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s{' (real-time pacing loop)' if pacing == 'loop' else ''}",
+                   workers=workers,
                    outage_s=round(outage, 1), note="workers stayed up; producers got BackendUnavailable meanwhile",
                    resumed_after_s=_resumed_after(rig, back_at),
                    **verdict.figures())
@@ -98,8 +100,9 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
             verdict.bad_ends) == (0, 0, 0, 0, 0, 0), verdict.problems
 
 
-def test_redis_frozen_for_ten_seconds_loses_nothing(rig: Rig, figures: dict[str, Any]) -> None:
-    procs = rig.start_workers(2, **PACED)
+@pytest.mark.parametrize("pacing", ["capped", "loop"])
+def test_redis_frozen_for_ten_seconds_loses_nothing(rig: Rig, figures: dict[str, Any], pacing: str) -> None:
+    procs = rig.start_workers(2, **PACINGS[pacing])
     expected = _enqueue(rig)
     wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
     rig.redis.freeze()
@@ -111,7 +114,8 @@ def test_redis_frozen_for_ten_seconds_loses_nothing(rig: Rig, figures: dict[str,
     _all_delivered(rig, expected)
     assert all(p.proc.poll() is None for p in procs)
     verdict = _verdict(rig, expected)
-    figures.update(fault="Redis frozen (SIGSTOP) for 10 s", workers=2,
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"Redis frozen (SIGSTOP) for 10 s{' (real-time pacing loop)' if pacing == 'loop' else ''}", workers=2,
                    resumed_after_s=_resumed_after(rig, back_at), **verdict.figures())
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \
         verdict.problems

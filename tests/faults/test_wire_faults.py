@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Rig
+from tests.faults.conftest import Rig, loop_paced
 from tests.faults.judge import Verdict, expected_chunks, ffmpeg_file, judge, noise_wav, sent
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
@@ -16,9 +16,10 @@ pytestmark = [pytest.mark.redis, pytest.mark.faults]
 DELIVERED = ("sent", "spoken")
 
 
-def test_half_of_all_sends_failing_and_dropped_connections_lose_and_repeat_nothing(rig: Rig,
-                                                                                   figures: dict[str, Any]) -> None:
-    rig.start_workers(1)
+@pytest.mark.parametrize("pacing", ["burst", "loop"])
+def test_half_of_all_sends_failing_and_dropped_connections_lose_and_repeat_nothing(rig: Rig, figures: dict[str, Any],
+                                                                                   pacing: str) -> None:
+    rig.start_workers(1, **({"ECHOQ_PACING": "realtime"} if pacing == "loop" else {}))
     rooms = {"rf": "loopback://rf?fail_rate=0.5&seed=3", "rd": "loopback://rd?fail_rate=0.5&disconnect_after=3&seed=4"}
     expected: dict[str, list[tuple[str, Any]]] = {}
     for room, url in rooms.items():
@@ -37,7 +38,9 @@ def test_half_of_all_sends_failing_and_dropped_connections_lose_and_repeat_nothi
     verdict = Verdict()
     for room, items in expected.items():
         verdict.add(judge(sent(rig.client_redis, room), items))
-    figures.update(fault="50% of sends fail (2 rooms; one also drops its connection every 3 messages)", workers=1,
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"50% of sends fail (2 rooms; one also drops its connection every 3 messages){' (real-time pacing loop)' if pacing == 'loop' else ''}",
+                   workers=1,
                    note=f"{log.count('send.retry')} send retries, {log.count('rejoined')} rejoins", **verdict.figures())
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused,
             verdict.bad_ends) == (0, 0, 0, 0, 0, 0), verdict.problems
@@ -69,10 +72,10 @@ def _broken_m4a(tmp: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["longer-than-its-header"])
+@pytest.mark.parametrize(("case", "pacing"), [("longer-than-its-header", "burst"), ("longer-than-its-header", "loop")])
 def test_an_utterance_failing_mid_stream_is_cut_with_an_interrupt_and_the_next_one_plays(
-        rig: Rig, figures: dict[str, Any], case: str) -> None:
-    rig.start_workers(1, ECHOQ_MAX_AUDIO_SECONDS="3")
+        rig: Rig, figures: dict[str, Any], case: str, pacing: str) -> None:
+    rig.start_workers(1, ECHOQ_MAX_AUDIO_SECONDS="3", **({"ECHOQ_PACING": "realtime"} if pacing == "loop" else {}))
     rig.client.open("conv", "loopback://room")
     bad = _overlong_mp3(rig.tmp)
     after = noise_wav(rig.tmp / "after.wav", 0.6, seed=9)
@@ -96,7 +99,8 @@ def test_an_utterance_failing_mid_stream_is_cut_with_an_interrupt_and_the_next_o
     assert "bad" not in kinds[cut_at:]
     assert not any(s.message["properties"].get("done") for s in stream[:cut_at])
     verdict = judge(stream, expected, may_cut=frozenset({"bad"}))
-    figures.update(fault=f"audio {case.replace('-', ' ')}", workers=1, **verdict.figures(),
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"audio {case.replace('-', ' ')}{' (real-time pacing loop)' if pacing == 'loop' else ''}", workers=1, **verdict.figures(),
                    note=f"{cut_at} chunks, then conversation.interrupt; the next 2 utterances played")
     assert (verdict.lost, verdict.repeated, verdict.reordered, verdict.interleaved, verdict.reused) == (0, 0, 0, 0, 0), \
         verdict.problems

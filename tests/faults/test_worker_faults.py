@@ -7,12 +7,11 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import Rig, wait_for
+from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
 from tests.faults.judge import expected_chunks, judge, noise_wav, pace, sent
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
 
-PACED = {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"}
 
 
 def _enqueue(rig: Rig, clips: int = 3) -> list[tuple[str, Any]]:
@@ -30,10 +29,11 @@ def _delivered(rig: Rig, expected: list[tuple[str, Any]]) -> None:
         assert rig.client.wait(uid, timeout=90)["state"] in ("sent", "spoken"), uid
 
 
-@pytest.mark.parametrize("victims", ["owner", "both-then-a-fresh-worker"])
+@pytest.mark.parametrize(("victims", "pacing"),
+                         [("owner", "capped"), ("both-then-a-fresh-worker", "capped"), ("owner", "loop")])
 def test_kill_9_mid_utterance_repeats_at_most_the_chunk_in_flight(rig: Rig, figures: dict[str, Any],
-                                                                  victims: str) -> None:
-    procs = rig.start_workers(2, **PACED)
+                                                                  victims: str, pacing: str) -> None:
+    procs = rig.start_workers(2, **PACINGS[pacing])
     expected = _enqueue(rig)
     wait_for(lambda: len(sent(rig.client_redis, "room")) >= 15, 30, what="the first utterance to be mid-way")
     owner = rig.workers.owner("conv")
@@ -45,12 +45,14 @@ def test_kill_9_mid_utterance_repeats_at_most_the_chunk_in_flight(rig: Rig, figu
         w.proc.wait(10)
     killed_at = time.time()
     if victims != "owner":
-        rig.start_workers(1, **PACED)
+        rig.start_workers(1, **PACINGS[pacing])
     _delivered(rig, expected)
     stream = sent(rig.client_redis, "room")
     verdict = judge(stream, expected)
     resumed = next(s.ms / 1000 for s in stream[before:] if not s.origin.startswith(tuple(w.name for w in killed)))
-    figures.update(fault=f"kill -9 of {'the owner' if victims == 'owner' else 'both workers, then one fresh worker'}",
+    assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    figures.update(fault=f"kill -9 of {'the owner' if victims == 'owner' else 'both workers, then one fresh worker'}"
+                         f"{' (real-time pacing loop)' if pacing == 'loop' else ''}",
                    workers=2, recovery_s=round(resumed - killed_at, 2), **verdict.figures())
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \
         verdict.problems

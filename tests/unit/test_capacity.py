@@ -1,4 +1,4 @@
-"""The session limit rule: real-time senders each keep a thread, control tasks keep two."""
+"""The session limit rule: senders that pace on a thread each keep one, control tasks keep two."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ def test_burst_pacing_is_limited_by_max_sessions_alone() -> None:
     assert capacity.paces_in_real_time(s, "microphone")  # microphone audio is always real time
 
 
-def test_realtime_pacing_leaves_two_threads_for_control_tasks() -> None:
+def test_realtime_pacing_with_the_pacing_loop_holds_no_thread_per_echo_conversation() -> None:
     s = Settings(pacing="realtime", max_sessions=50)
+    assert capacity.session_limit(s, threads=8) == 50
+    assert not capacity.paces_in_real_time(s, "echo")
+    assert capacity.paces_in_real_time(s, "microphone")  # the microphone writer keeps its thread
+
+
+def test_realtime_pacing_on_threads_leaves_two_threads_for_control_tasks() -> None:
+    s = Settings(pacing="realtime", pacing_loop=False, max_sessions=50)
     assert capacity.session_limit(s, threads=8) == 6
-    assert capacity.session_limit(Settings(pacing="realtime", max_sessions=3), threads=8) == 3
+    assert capacity.paces_in_real_time(s, "echo")
+    assert capacity.session_limit(Settings(pacing="realtime", pacing_loop=False, max_sessions=3), threads=8) == 3
     assert capacity.session_limit(s, threads=1) == 1  # a one-thread worker still serves one
 
 
