@@ -213,6 +213,8 @@ class PacingLoop:
         sender.pacer.start_utterance()
         self._playing[owner.cid] = playout
         metrics.pacing_playing(len(self._playing))
+        step(log, "pacing.took", conversation=owner.cid, utterance=entry["utterance_id"], seq=entry["seq"],
+             resume_chunk=first_chunk or None)
         self._schedule(playout, 0.0)
         raise Handed(entry["utterance_id"])
 

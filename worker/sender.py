@@ -390,8 +390,11 @@ class Sender:
 
     def _prefetch(self, entry: dict[str, Any]) -> None:
         with self._prefetch_lock:
-            if self._prefetched is None:
-                self._prefetched = self._read_ahead(entry)
+            if self._prefetched is not None:
+                return
+            self._prefetched = self._read_ahead(entry)
+        step(log, "utterance.decoding_ahead", conversation=self.cid, utterance=entry["utterance_id"],
+             seq=entry["seq"])
 
     def _prefetch_after(self, seq: int) -> None:
         """Start decoding the entry after ``seq`` if it is audio (an entry queued after the

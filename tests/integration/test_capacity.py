@@ -75,11 +75,12 @@ def test_open_warns_when_no_worker_runs(client: Any, redis_client: redis.Redis) 
     assert "conversation.waiting" in event_types(client, "lonely")
 
 
-def test_realtime_pacing_limits_a_worker_to_its_threads_less_two_and_publishes_that_limit(
+def test_realtime_pacing_on_threads_limits_a_worker_to_its_threads_less_two_and_publishes_that_limit(
     workers: Workers, redis_client: redis.Redis
 ) -> None:
     import json
 
-    (worker,) = workers.start(1, ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS="50")  # started with -c 6
+    (worker,) = workers.start(1, ECHOQ_PACING="realtime", ECHOQ_PACING_LOOP="false",
+                              ECHOQ_MAX_SESSIONS="50")  # started with -c 6
     beat = json.loads(redis_client.hget(keys.WORKERS, worker.name) or b"{}")
     assert beat["max_sessions"] == 6 - capacity.CONTROL_THREADS and beat["threads"] == 6

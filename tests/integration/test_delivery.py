@@ -242,10 +242,11 @@ def test_injected_send_failures_and_disconnects_still_deliver_everything_once_in
     assert "send.retry" in log and "SendFailed" in log and "RoomDisconnected" in log and "rejoined" in log
 
 
+@pytest.mark.parametrize("pacing", ["capped", "loop"])
 def test_interrupt_with_a_hundred_queued_stops_at_once_and_the_next_utterance_is_fresh(
-    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, tmp_path: Path
+    workers: Workers, simulator: Any, client: Any, redis_client: redis.Redis, tmp_path: Path, pacing: str
 ) -> None:
-    workers.start(1, **_slow_audio_env())
+    (worker,) = workers.start(1, **(_slow_audio_env() if pacing == "capped" else {"ECHOQ_PACING": "realtime"}))
     client.open("conv-i", "loopback://room-i")
     clip = tone_wav(tmp_path / "i.wav", 2.0, freq=400)
     queued = [client.play("conv-i", clip)] + [client.say("conv-i", f"queued {i}") for i in range(99)]
@@ -271,6 +272,9 @@ def test_interrupt_with_a_hundred_queued_stops_at_once_and_the_next_utterance_is
     assert not any(m["properties"]["done"] for m in messages[:idx] if m["properties"]["inference_id"] == queued[0])
     assert client.status(queued[0])["state"] == "interrupted"
     assert {client.status(u)["state"] for u in queued[1:]} == {"cancelled"}
+    if pacing == "loop":  # the clip was the pacing loop's until the interrupt cut it
+        assert f"pacing.took conversation=conv-i utterance={queued[0]}" in worker.log()
+        assert f"utterance.sent conversation=conv-i utterance={queued[0]}" not in worker.log()
 
 
 def test_bad_input_is_refused_with_a_clear_error_and_the_next_utterance_still_plays(
