@@ -339,18 +339,21 @@ def bench_pacing(args: argparse.Namespace) -> None:
     clip = tone(OUT / "pace.wav", args.seconds)
     per_utt = int(round(args.seconds / chunk_s))
     try:
-        b.start_worker(threads=args.threads, ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS=str(args.rooms + 10))
+        b.start_worker(threads=args.threads, ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS=str(args.rooms + 10),
+                       ECHOQ_PACING_LOOP="true" if args.loop == "on" else "false")
         for rep in range(args.repeats):
             ids = b.open_rooms(f"pace{rep}", args.rooms)
             reader = Chunks(ids)
             time.sleep(0.3)
             t_enq: dict[str, float] = {}
-            uids = []
-            for cid in ids:
+            t0 = time.perf_counter()
+            for n, cid in enumerate(ids):
+                # --stagger: rooms start spread over that many seconds, as conversations do
+                time.sleep(max(0.0, t0 + args.stagger * n / len(ids) - time.perf_counter()))
                 t_enq[cid] = time.perf_counter()
-                uids.append((cid, b.client.play(cid, clip, utterance_id=f"{cid}-a"),
-                             b.client.play(cid, clip, utterance_id=f"{cid}-b")))
-            deadline = time.monotonic() + 2 * args.seconds * 3 + 60
+                b.client.play(cid, clip, utterance_id=f"{cid}-a")
+                b.client.play(cid, clip, utterance_id=f"{cid}-b")
+            deadline = time.monotonic() + 2 * args.seconds * 3 + args.stagger + 60
             while time.monotonic() < deadline and reader.count < 2 * per_utt * len(ids):
                 time.sleep(0.2)
             reader.stop.set()
@@ -401,8 +404,9 @@ def bench_pacing(args: argparse.Namespace) -> None:
         figs.add("lease.lost in the worker log (all repeats)", log.count("lease.lost"))
     finally:
         b.close()
-    print(f"{args.rooms} rooms x 2 clips of {args.seconds:g} s ({b.settings.chunk_ms} ms chunks), one worker with "
-          f"{args.threads} threads, real-time pacing, {args.repeats} repeats:")
+    print(f"{args.rooms} rooms x 2 clips of {args.seconds:g} s ({b.settings.chunk_ms} ms chunks), starts spread over "
+          f"{args.stagger:g} s, one worker with {args.threads} threads, real-time pacing, pacing loop {args.loop}, "
+          f"{args.repeats} repeats:")
     figs.print()
     print(f"load average after: {loadavg()}")
 
@@ -465,6 +469,8 @@ def main() -> int:
     pa.add_argument("--rooms", type=int, default=100)
     pa.add_argument("--seconds", type=float, default=20.0)
     pa.add_argument("--threads", type=int, default=8)
+    pa.add_argument("--stagger", type=float, default=0.0, help="spread the rooms' starts over this many seconds")
+    pa.add_argument("--loop", choices=("on", "off"), default="on", help="ECHOQ_PACING_LOOP (off: a thread per room)")
     i = sub.add_parser("interrupt", help="interrupt() -> conversation.interrupt on the wire, 100 queued")
     i.add_argument("--repeats", type=int, default=3)
     i.add_argument("--samples", type=int, default=20)

@@ -440,10 +440,30 @@ class Store:
         """Many :meth:`move` calls (of different conversations) in one round trip: the pacing
         loop's batch of chunks that are due at once. Each is atomic on its own; a retry after a
         lost reply writes no message twice (each append carries its send id)."""
-        pipe = self.r.pipeline(transaction=False)
-        for call in calls:
-            self._advance(keys=call.keys(), args=call.args(), client=pipe)
-        return [Moved(bool(held), int(current), bool(done)) for held, current, done in pipe.execute()]
+        # EVALSHA by hand: a pipeline of Script calls asks SCRIPT EXISTS first, a round trip more
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for i in todo:
+                call_keys = calls[i].keys()
+                pipe.evalsha(self._advance.sha, len(call_keys), *call_keys, *calls[i].args())
+            replies = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    missing.append(i)  # the script did not run: nothing happened for this one
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    answers[i] = reply
+            if not missing:
+                break
+            self._advance.sha = self.r.script_load(_ADVANCE)  # a restarted Redis forgot the script
+            todo = missing
+        else:
+            raise redis.exceptions.NoScriptError("the cursor script could not be loaded")
+        return [Moved(bool(held), int(current), bool(done)) for held, current, done in answers]
 
     def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
         """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""

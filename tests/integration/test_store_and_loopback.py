@@ -242,6 +242,34 @@ def test_a_send_folded_into_its_cursor_move_goes_in_once_only_for_the_holder_and
     assert wire(redis_client, "fold") == [first, second]
 
 
+def test_moves_of_many_conversations_in_one_call_each_answer_for_itself_even_after_redis_forgot_the_script(
+        redis_client: redis.Redis) -> None:
+    from worker.store import MoveCall
+
+    store = Store(redis_client)
+    rooms = {}
+    for cid in ("m1", "m2", "m3"):
+        store.open_conversation(cid, f"loopback://many-{cid}")
+        store.enqueue(cid, *_entry(f"u-{cid}"))
+        assert store.take_lease(cid, "me", 5)
+        rooms[cid] = LoopbackTransport(f"loopback://many-{cid}?replica=0", redis_client=redis_client)
+        rooms[cid].join(1)
+    store.interrupt("m3")
+    messages = {cid: echo.interrupt(cid) for cid in rooms}
+    calls = [MoveCall("m1", "me", 0, 1, utterance_id="u-m1", chunks_sent=1, append=rooms["m1"].prepare_append(messages["m1"]),
+                      refuse_above=0),
+             MoveCall("m2", "not-me", 0, 1, append=rooms["m2"].prepare_append(messages["m2"]), refuse_above=0),
+             MoveCall("m3", "me", 0, 1, append=rooms["m3"].prepare_append(messages["m3"]), refuse_above=0)]
+    redis_client.script_flush()  # as after a Redis restart: the first try finds no script
+    moved = store.move_many(calls)
+    assert [(m.held, m.done) for m in moved] == [(True, True), (False, False), (True, False)]
+    assert moved[2].gen == 1  # refused: an interrupt came first
+    assert [wire(redis_client, f"many-{cid}") for cid in rooms] == [[messages["m1"]], [], []]
+    assert store.move_many(calls[:1])[0].done  # a retry after a lost reply writes nothing twice
+    assert wire(redis_client, "many-m1") == [messages["m1"]]
+    assert store.utterance("u-m1")["chunks_sent"] == "1"
+
+
 def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_once_in_order(
         redis_client: redis.Redis) -> None:
     store = Store(redis_client)
