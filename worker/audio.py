@@ -172,10 +172,11 @@ def _file_stream(
         def ended(frames: int) -> None:
             # A decoder that fails after giving samples stopped early: what it gave is the
             # audio, and the note says where and why it stopped; a decode of nothing fails.
-            code = proc.wait()
-            if frames == 0 and code != 0:
-                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({_tail(stderr)})")
-            said = _tail(stderr)
+            code, said = proc.wait(), _tail(stderr)
+            if frames == 0 and (code != 0 or said):
+                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({said or f'exit status {code}'})")
+            if frames == 0 and expected_s:
+                raise AudioError(f"audio is unreadable: its header says {expected_s:.2f} s, and not a sample decodes")
             reason = said or (f"ffmpeg exited with {code}" if code else None)
             if on_end is not None and frames:
                 on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
