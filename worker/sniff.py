@@ -713,6 +713,8 @@ def _riff(data: bytes) -> Header:
         return _wav(data)
     if data.startswith(b"WEBP", 8):
         raise AudioError("not audio: the file is a WebP image")
-    return Header("riff", trusted=False)  # AVI and others: ffmpeg will tell
+    if data.startswith(b"AVI ", 8):
+        return Header("avi", trusted=False)  # a video that may have sound: ffmpeg will tell
+    raise AudioError(f"audio is unreadable: a RIFF file of form {data[8:12]!r}, not WAVE")
 
 

@@ -160,6 +160,7 @@ def test_broken_headers_of_known_containers_are_unreadable(tmp_path: Path) -> No
         "Ogg with a gap": (ogg[:58] + b"\x00" * 4 + ogg[58:], "Ogg pages do not follow each other"),
         "MP4 without moov": (m4a[:moov_last] if moov_last > 0 else m4a[:100], "no moov box"),
         "AIFF without COMM": (b"FORM\x00\x00\x00\x04AIFF", "no COMM chunk"),
+        "RIFF that is not WAVE": (b"RIFF nonsense", "not WAVE"),
     }
     for name, (data, why) in cases.items():
         with pytest.raises(AudioError, match=f"audio is unreadable: .*{why}"):
