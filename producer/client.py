@@ -1,8 +1,10 @@
 """The Python producer client: the one path into echoq's queues.
 
 Input is checked before anything is enqueued (unknown conversation, empty text, text that
-cannot fit a message, unreadable audio, a bad sample rate) and raises a clear error; nothing
-is written then. Audio bytes travel as a Redis blob with a TTL; the Celery message that rings
+cannot fit a message, audio that is clearly not audio, broken or over the limits by its header,
+a bad sample rate) and raises a clear error; nothing is written then. Audio is not decoded
+here: the worker decodes it, and audio that turns out unreadable there fails its utterance
+(the record's error says why). Audio bytes travel as a Redis blob with a TTL; the Celery message that rings
 the owner's doorbell carries ids only.
 """
 
@@ -251,6 +253,11 @@ class EchoqClient:
 
         ``sample_rate`` is the rate sent to the replica (16000 or 24000). Raw s16le PCM input
         (``format="raw"``) needs its ``source_rate``.
+
+        The audio is checked by its header bytes (:func:`worker.audio.sniff`: size, container,
+        duration where the header states it), never decoded here. Audio that passes but does not
+        decode, is empty or decodes longer than the limit ends ``failed`` with the reason in the
+        record's ``error`` (``conversation.interrupt`` follows when part of it was sent).
         """
         rate = sample_rate or self.settings.default_sample_rate
         if rate not in SAMPLE_RATES:
@@ -262,22 +269,30 @@ class EchoqClient:
         _check_utterance_ids(uid, inf)
         conv = self._conversation(conversation_id)
         data = self._read_audio(audio_in)
-        info = audio.probe(data, format=format, source_rate=source_rate, channels=channels,
+        # header bytes only: what does not decode, or decodes longer than its header says, is
+        # refused by the worker, which marks the utterance failed and says why
+        head = audio.sniff(data, format=format, source_rate=source_rate, channels=channels,
                            max_bytes=self.settings.max_audio_bytes, max_seconds=self.settings.max_audio_seconds)
         from worker import chunks
 
-        estimate = math.ceil(info.duration_s * rate * 2 / chunks.chunk_bytes(rate, self.settings.chunk_ms)) or 1
+        seconds = head.duration_s
+        estimate = (math.ceil(seconds * rate * 2 / chunks.chunk_bytes(rate, self.settings.chunk_ms)) or 1
+                    if seconds is not None else None)
+        # header_s: what the header says the file holds, so the worker can note a decode that
+        # stops well short of it (a truncated file)
         entry = {"utterance_id": uid, "kind": "audio", "inference_id": inf, "sample_rate": rate,
-                 "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate}
+                 "format": format, "source_rate": source_rate, "channels": channels, "chunks_estimate": estimate,
+                 "header_s": seconds if seconds is not None and not head.estimated else None}
         # The record's estimate counts what the sender counts in chunks_sent: echo chunks, or
         # microphone frames. chunks_total is set only once it is known (when the last one is sent).
-        if conv.get("mode") == "microphone":
-            shown = math.ceil(info.duration_s * 1000 / self.settings.mic_frame_ms) or 1
-        else:
-            shown = estimate
-        record = {"kind": "audio", "sample_rate": rate, "duration_in": round(info.duration_s, 3), "chunks_estimate": shown}
-        if info.note:  # a truncated file plays what decodes; the record says where and why it stopped
-            record["decode_note"] = info.note
+        # duration_in is the header's until the worker has decoded the audio, then the decoded
+        # length; duration_estimated says when it came from a bitrate rather than a sample count.
+        record: dict[str, Any] = {"kind": "audio", "sample_rate": rate}
+        if seconds is not None:
+            shown = math.ceil(seconds * 1000 / self.settings.mic_frame_ms) or 1 if conv.get("mode") == "microphone" \
+                else estimate
+            record.update(duration_in=round(seconds, 3), chunks_estimate=shown,
+                          duration_estimated=int(head.estimated))
         return self._enqueue(conversation_id, entry, record, blob=data)
 
     # streams -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ INT_FIELDS = frozenset({
 #: fields that are real numbers (seconds) besides the times
 FLOAT_FIELDS = frozenset({"duration", "duration_in"})
 #: fields that are true or false
-BOOL_FIELDS = frozenset({"interrupted"})
+BOOL_FIELDS = frozenset({"interrupted", "duration_estimated"})
 
 
 def is_time_field(name: str) -> bool:

@@ -24,11 +24,19 @@ prints min / median / max of each figure with the load average before and after.
 ``interrupt`` one worker in real-time pacing, one conversation speaking a long utterance with
               --queued texts queued behind it: ``interrupt()`` call -> ``conversation.interrupt``
               on the wire, --samples times per repeat, p50 / p99 / max.
+``firstaudio`` a 10-minute and a 5-second MP3 (ffmpeg, from a tone, 44.1 kHz mono 128 kb/s, into
+              out/bench/): the ``play()`` call alone, and enqueue -> first chunk on the wire with
+              one real worker (loopback room ``?replica=0``), in burst and in real-time pacing,
+              --samples per repeat (each utterance is interrupted once its first chunk is out).
+              Beside them, converting the 10-minute MP3 to 24 kHz s16le mono three ways: the
+              ffmpeg CLI (the whole process), pydub, and echoq's ``audio.convert``; and the
+              ratio of echoq's speed to the ffmpeg CLI's.
 
     .venv/bin/python scripts/bench.py delivery [--repeats 3] [--burst-conversations 4]
     .venv/bin/python scripts/bench.py enqueue [--repeats 3] [--count 2000] [--batch 200]
     .venv/bin/python scripts/bench.py pacing [--repeats 3] [--rooms 100] [--seconds 20] [--threads 8]
     .venv/bin/python scripts/bench.py interrupt [--repeats 3] [--samples 20] [--queued 100]
+    .venv/bin/python scripts/bench.py firstaudio [--repeats 3] [--samples 5]
 """
 
 from __future__ import annotations
@@ -451,6 +459,86 @@ def bench_interrupt(args: argparse.Namespace) -> None:
     print(f"load average after: {loadavg()}")
 
 
+# firstaudio ----------------------------------------------------------------------------------
+
+def mp3_tone(path: Path, seconds: float) -> Path:
+    """A 440 Hz tone as a 44.1 kHz mono 128 kb/s MP3, made once."""
+    if not path.exists():
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                        f"sine=frequency=440:duration={seconds:g}:sample_rate=44100", "-ac", "1", "-c:a", "libmp3lame",
+                        "-b:a", "128k", str(path)], check=True, timeout=300)
+    return path
+
+
+def bench_firstaudio(args: argparse.Namespace) -> None:
+    header("firstaudio")
+    figs = Figures()
+    clips = {"10-min MP3": mp3_tone(OUT / "tone-600s.mp3", 600), "5-s MP3": mp3_tone(OUT / "tone-5s.mp3", 5)}
+    for pacing in ("burst", "realtime"):
+        b = Bench()
+        try:
+            b.start_worker(ECHOQ_PACING=pacing)
+            (cid,) = b.open_rooms(f"first-{pacing}", 1)
+            arrivals = Arrivals([cid])
+            time.sleep(0.3)
+            try:
+                for rep in range(args.repeats):
+                    for name, clip in clips.items():
+                        calls, firsts = [], []
+                        for n in range(args.samples):
+                            uid = f"{pacing}-{rep}-{name[:2]}-{n}"
+                            t0 = time.perf_counter()
+                            b.client.play(cid, clip, utterance_id=uid)
+                            t1 = time.perf_counter()
+                            wait(lambda uid=uid, seen=arrivals.seen: uid.encode() in seen, 30, f"{uid}'s first chunk")
+                            calls.append((t1 - t0) * 1000)
+                            firsts.append((arrivals.seen[uid.encode()] - t0) * 1000)
+                            b.client.interrupt(cid)  # the rest of it is not what is measured
+                            b.client.wait(uid, timeout=60, poll_s=0.01)
+                            b.r.delete(keys.blob(uid))
+                            time.sleep(0.1)
+                        if pacing == "burst":
+                            figs.add(f"play() call, {name}, median of {args.samples} ms", statistics.median(calls))
+                        figs.add(f"enqueue -> first chunk, {name}, {pacing}, median ms", statistics.median(firsts))
+            finally:
+                arrivals.stop.set()
+        finally:
+            b.close()
+    for ratio in ("burst", "realtime"):
+        ten = figs.values[f"enqueue -> first chunk, 10-min MP3, {ratio}, median ms"]
+        five = figs.values[f"enqueue -> first chunk, 5-s MP3, {ratio}, median ms"]
+        for a, c in zip(ten, five, strict=True):
+            figs.add(f"first chunk, 10-min / 5-s, {ratio}", a / c)
+    conversion(clips["10-min MP3"], args.repeats, figs)
+    print(f"{args.samples} samples per figure and repeat, {args.repeats} repeats (each figure: the median of a "
+          "repeat's samples, then min / median / max over repeats):")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
+def conversion(clip: Path, repeats: int, figs: Figures) -> None:
+    """The 10-minute MP3 to 24 kHz s16le mono: the ffmpeg CLI, pydub, echoq's convert."""
+    from pydub import AudioSegment
+
+    s = get_settings()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cli = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(clip), "-ar", "24000", "-ac", "1",
+                              "-f", "s16le", "pipe:1"], capture_output=True, check=True)
+        t_cli = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        raw = AudioSegment.from_file(str(clip)).set_frame_rate(24000).set_channels(1).raw_data
+        t_pydub = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pcm = audio.convert(clip, target_rate=24000, max_bytes=s.max_audio_bytes, max_seconds=s.max_audio_seconds)
+        t_echoq = time.perf_counter() - t0
+        assert abs(len(pcm) - len(cli.stdout)) < 24000 * 2 and abs(len(raw) - len(cli.stdout)) < 24000 * 2
+        figs.add("convert 10-min MP3, ffmpeg CLI (process), s", t_cli)
+        figs.add("convert 10-min MP3, pydub, s", t_pydub)
+        figs.add("convert 10-min MP3, echoq audio.convert, s", t_echoq)
+        figs.add("speed ratio echoq / ffmpeg CLI", t_cli / t_echoq)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -475,8 +563,12 @@ def main() -> int:
     i.add_argument("--repeats", type=int, default=3)
     i.add_argument("--samples", type=int, default=20)
     i.add_argument("--queued", type=int, default=100)
+    f = sub.add_parser("firstaudio", help="play() call and enqueue -> first chunk of MP3s, conversion anchors")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--samples", type=int, default=5)
     args = ap.parse_args()
-    {"delivery": bench_delivery, "enqueue": bench_enqueue, "pacing": bench_pacing, "interrupt": bench_interrupt}[args.what](args)
+    {"delivery": bench_delivery, "enqueue": bench_enqueue, "pacing": bench_pacing, "interrupt": bench_interrupt,
+     "firstaudio": bench_firstaudio}[args.what](args)
     return 0
 
 

@@ -2,9 +2,11 @@
 
 Nothing here is a stored blob: every file is made from a tone when the corpus is built, so a
 reader can see exactly what each case is. :func:`media_cases` gives ``(name, bytes, format,
-expect)`` where ``expect`` is ``"refused:<regex>"`` (the producer refuses it, naming why),
-``"played"`` (it is spoken whole) or ``"noted"`` (it is spoken as far as it decodes and the
-record carries a ``decode_note``).
+expect)`` where ``expect`` is ``"refused:<regex>"`` (the producer refuses it at enqueue, naming
+why: its header bytes show it), ``"failed:<regex>"`` (its header passes the producer's check,
+and the worker, decoding it, fails the utterance with that reason), ``"played"`` (it is spoken
+whole) or ``"noted"`` (it is spoken as far as it decodes and the record carries a
+``decode_note``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def media_cases(tmp: Path, max_seconds: float) -> list[Case]:
         ("wav-named-mp3", encode(tmp, "wav"), "mp3", "played"),
         ("mp3-named-wav", encode(tmp, "mp3"), "wav", "played"),
         ("text-named-wav", b"this is not audio at all\n" * 40, "wav", "refused:unreadable|not audio"),
-        ("webm-header-says-0.5s-holds-more", lying_webm(tmp, over, 0.5), "webm", "refused:longer than the limit"),
+        # nothing but decoding finds this one out: the worker stops at the limit, mid-utterance
+        ("webm-header-says-0.5s-holds-more", lying_webm(tmp, over, 0.5), "webm", "failed:longer than the limit"),
         ("wav-length-says-huge-holds-0.5s", wav_header(0xFFFFFFF0) + pcm(0.5), "wav", "played"),
         ("wav-length-says-huge-holds-more", wav_header(0xFFFFFFF0) + pcm(over), "wav", "refused:longer than the limit"),
         ("wav-rate-says-1-hz", wav_header(9600, rate=1) + pcm(0.2), "wav", "refused:longer than the limit"),

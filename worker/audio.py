@@ -1,8 +1,13 @@
 """Audio conversion: anything ffmpeg reads, or raw PCM, to s16le mono PCM at 16 or 24 kHz.
 
 Pure conversion: no Redis, no network. ffmpeg decodes at the file's own rate to float samples
-on a pipe, numpy downmixes (mean of the channels), soxr resamples. pydub's ``set_frame_rate``
-is never used: it has no anti-alias filter (PROTOCOL.md, "Audio conversion quality").
+in a WAV on a pipe (its header says the rate and channels: one process, no ffprobe before it),
+numpy downmixes (mean of the channels), soxr resamples. pydub's ``set_frame_rate`` is never
+used: it has no anti-alias filter (PROTOCOL.md, "Audio conversion quality").
+
+:func:`sniff` is the producer's check before enqueueing: header bytes only, no decoding, no
+subprocess (see :mod:`worker.sniff`). The worker decodes with :func:`pcm_stream`, which enforces
+the limit on decoded samples and raises :class:`AudioError` for what does not decode.
 
 Output is deterministic: the same input converted twice gives the same bytes, which the sender
 relies on to resume an utterance mid-way by converting again and skipping sent chunks.
@@ -15,7 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any
@@ -23,10 +28,11 @@ from typing import IO, Any
 import numpy as np
 import soxr
 from pydub import AudioSegment
-from pydub.utils import get_prober_name, mediainfo_json, which
+from pydub.utils import which
 
 from .errors import AudioError, ConfigError
 from .settings import SAMPLE_RATES
+from .sniff import Header, look, wav_chunks
 
 Source = bytes | str | os.PathLike[str]
 
@@ -39,24 +45,22 @@ _S16 = 2  # bytes per sample of raw input and of the output
 PADDING_S = 0.1
 #: a decode this much shorter than the container's duration counts as stopping early
 _SHORT_S = 0.25
+#: a duration estimated from a constant bitrate and the size is refused only this much over
+#: the limit (a tag the estimate counted as audio makes it a little long)
+_ESTIMATE_SLACK = 0.02
 
 
 @dataclass(frozen=True)
-class AudioInfo:
-    """What :func:`probe` found. ``format`` is ffprobe's container name, or ``s16le`` for raw.
-
-    ``duration_s`` is what decodes, never only what a header claims. ``note`` says why, when the
-    decoder stopped before the end the container announced (a truncated file), else it is None.
-    """
+class Decoded:
+    """What decoding found, handed to ``pcm_stream``'s ``on_end`` once the input is used up:
+    seconds of audio decoded, and ``note`` when the decoder stopped before the end the header
+    announced (a truncated file) or complained, else None."""
 
     duration_s: float
-    sample_rate: int
-    channels: int
-    format: str
     note: str | None = None
 
 
-def probe(
+def sniff(
     source: Source,
     *,
     format: str | None = None,
@@ -64,26 +68,37 @@ def probe(
     channels: int = 1,
     max_bytes: int,
     max_seconds: float,
-) -> AudioInfo:
-    """Check audio before it is enqueued; :class:`AudioError` names what is wrong.
+) -> Header:
+    """The cheap check before audio is enqueued; :class:`AudioError` names what is wrong.
 
-    Refuses input that is unreadable or not audio, over ``max_bytes``, longer than
-    ``max_seconds`` (plus :data:`PADDING_S` unless raw) or empty. The audio is decoded to count its samples
-    (stopping once it is over the limit): a container's duration can lie either way.
+    Refuses input over ``max_bytes``, empty, clearly not audio (text, an image, an executable,
+    zero bytes), a known container whose header is broken, and a header whose duration is over
+    ``max_seconds`` (plus :data:`PADDING_S` unless raw; a duration estimated from a variable
+    bitrate is never refused on). Reads header bytes only: no decoding, no subprocess. What
+    passes can still fail to decode, or decode longer than its header says; :func:`pcm_stream`
+    refuses that in the worker. Raw PCM (``format="raw"``) is sized by arithmetic, exactly.
     """
     if _is_raw(format):
         rate, ch = _raw_params(source_rate, channels)
         frames = _raw_frame_count(_checked_size(source, max_bytes), ch)
-        info = AudioInfo(frames / rate, rate, ch, "s16le")
+        head = Header("s16le", rate, ch, frames / rate)
     else:
-        with _as_path(source, format, max_bytes) as path:
-            rate, ch, name, claimed = _probe_file(path)
-            frames, reason = _count_frames(path, rate, ch, _max_frames(max_seconds, rate) + 1)
-            info = AudioInfo(frames / rate, rate, ch, name, _early_stop(frames / rate, claimed, reason))
-    _check_seconds(info.duration_s, max_seconds, 0.0 if info.format == "s16le" else PADDING_S)
-    if info.duration_s <= 0:
-        raise AudioError("audio is empty: no samples")
-    return info
+        if _checked_size(source, max_bytes) == 0:
+            raise AudioError("audio is empty: 0 bytes")
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = bytes(source)
+        else:
+            with open(source, "rb") as f:
+                data = f.read()
+        head = look(data)
+    if head.duration_s is not None and (head.trusted or head.duration_s <= 0):
+        about = "about " if head.estimated else ""
+        if head.duration_s > max_seconds + (0.0 if head.format == "s16le" else PADDING_S) + (
+                _ESTIMATE_SLACK * max_seconds if head.estimated else 0.0):
+            raise AudioError(f"audio is longer than the limit: {about}{head.duration_s:.2f} s, over {max_seconds:g} s")
+        if head.duration_s <= 0 and not head.estimated:
+            raise AudioError("audio is empty: no samples")
+    return head
 
 
 def pcm_stream(
@@ -96,6 +111,8 @@ def pcm_stream(
     max_bytes: int,
     max_seconds: float,
     block_bytes: int = 64 * 1024,
+    expected_s: float | None = None,
+    on_end: Callable[[Decoded], None] | None = None,
 ) -> Generator[bytes, None, None]:
     """Yield s16le mono PCM at ``target_rate`` (16000 or 24000) as the input is decoded.
 
@@ -111,6 +128,10 @@ def pcm_stream(
     iteration, before any output unless only decoding shows it (a container whose duration is
     wrong is stopped at ``max_seconds`` of decoded samples). Closing the generator early
     (``close()``, or dropping it) stops ffmpeg and removes the temp file.
+
+    ``on_end`` is called with what was decoded (:class:`Decoded`) once the input is used up,
+    before the last piece is yielded; ``expected_s``, the duration the header announced
+    (:func:`sniff`), lets it note a decode that stopped well short of that.
     """
     if target_rate not in SAMPLE_RATES:
         raise ValueError(f"target_rate must be 16000 or 24000, not {target_rate}")
@@ -118,8 +139,8 @@ def pcm_stream(
         raise ValueError(f"block_bytes must be at least 64, not {block_bytes}")
     if _is_raw(format):
         rate, ch = _raw_params(source_rate, channels)
-        return _raw_stream(source, rate, ch, target_rate, max_bytes, max_seconds, block_bytes)
-    return _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes)
+        return _raw_stream(source, rate, ch, target_rate, max_bytes, max_seconds, block_bytes, on_end)
+    return _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s, on_end)
 
 
 def convert(source: Source, **options: Any) -> bytes:
@@ -128,39 +149,70 @@ def convert(source: Source, **options: Any) -> bytes:
 
 
 def _raw_stream(
-    source: Source, rate: int, ch: int, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int
+    source: Source, rate: int, ch: int, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int,
+    on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
     _check_seconds(_raw_frame_count(_checked_size(source, max_bytes), ch) / rate, max_seconds)
     with _open_raw(source) as stream:
         frames = yield from _resample(
-            _read_frames(stream, ch, _S16, block_bytes), rate, target_rate, int(max_seconds * rate)
+            _read_frames(stream, ch, _S16, block_bytes), rate, target_rate, int(max_seconds * rate),
+            None if on_end is None else lambda n: on_end(Decoded(n / rate)),
         )
     if frames == 0:
         raise AudioError("audio is empty: no samples")
 
 
 def _file_stream(
-    source: Source, format: str | None, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int
+    source: Source, format: str | None, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int,
+    expected_s: float | None, on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
-    with _as_path(source, format, max_bytes) as path:
-        rate, ch, _, _claimed = _probe_file(path)
-        with _ffmpeg(path, rate, ch) as (proc, stderr):
-            # The limit is checked on decoded samples, never on the container's duration, which can lie.
-            frames = yield from _resample(
-                _read_frames(proc.stdout, ch, _F32, block_bytes), rate, target_rate, _max_frames(max_seconds, rate)
-            )
-            # A decoder that fails after giving samples stopped early: what it gave is the audio
-            # (probe saw the same and noted it on the record), so only a decode of nothing fails.
-            if proc.wait() != 0 and frames == 0:
-                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({_tail(stderr)})")
+    with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as (proc, stderr):
+        rate, ch = _pipe_header(proc, stderr)
+
+        def ended(frames: int) -> None:
+            # A decoder that fails after giving samples stopped early: what it gave is the
+            # audio, and the note says where and why it stopped; a decode of nothing fails.
+            code, said = proc.wait(), _tail(stderr)
+            if frames == 0 and (code != 0 or said):
+                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({said or f'exit status {code}'})")
+            if frames == 0 and expected_s:
+                raise AudioError(f"audio is unreadable: its header says {expected_s:.2f} s, and not a sample decodes")
+            reason = said or (f"ffmpeg exited with {code}" if code else None)
+            if on_end is not None and frames:
+                on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
+
+        # The limit is checked on decoded samples, never on the container's duration, which can lie.
+        frames = yield from _resample(
+            _read_frames(proc.stdout, ch, _F32, block_bytes), rate, target_rate, _max_frames(max_seconds, rate), ended
+        )
     if frames == 0:
         raise AudioError("audio is empty: no samples after decoding")
 
 
+def _pipe_header(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> tuple[int, int]:
+    """Rate and channels from the header of the WAV ffmpeg writes on the pipe."""
+    assert proc.stdout is not None
+    try:
+        fmt, _fact, _size = wav_chunks(proc.stdout.read)
+    except AudioError:
+        proc.wait()
+        said = _tail(stderr)
+        if "matches no streams" in said:
+            raise AudioError("not audio: the file has no audio stream") from None
+        if not said and proc.returncode == 0:
+            raise AudioError("audio is empty: no samples after decoding") from None
+        raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({said})") from None
+    if fmt.channels < 1 or fmt.rate < 1 or fmt.bits != 32:
+        raise AudioError(f"audio is unreadable: ffmpeg decoded {fmt.rate} Hz, {fmt.channels} channels")
+    return fmt.rate, fmt.channels
+
+
 def _resample(
-    blocks: Iterator[np.ndarray], rate: int, target_rate: int, max_frames: int
+    blocks: Iterator[np.ndarray], rate: int, target_rate: int, max_frames: int,
+    ended: Callable[[int], None] | None = None,
 ) -> Generator[bytes, None, int]:
-    """Downmix and resample float frames; returns how many input frames there were."""
+    """Downmix and resample float frames; returns how many input frames there were.
+    ``ended(frames)`` is called once the input is used up, before the last piece is yielded."""
     # soxr's output does not depend on how its input is split, so conversion is deterministic.
     resampler = None if rate == target_rate else soxr.ResampleStream(rate, target_rate, 1, "float32", QUALITY)
     frames = 0
@@ -172,6 +224,8 @@ def _resample(
         out = mono if resampler is None else resampler.resample_chunk(mono)
         if out.size:
             yield _to_s16le(out)
+    if ended is not None:
+        ended(frames)
     if resampler is not None and frames:
         tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         if tail.size:
@@ -203,22 +257,6 @@ def _read_frames(stream: IO[bytes] | None, ch: int, width: int, block_bytes: int
             yield np.frombuffer(data, "<f4").reshape(-1, ch)
 
 
-def _count_frames(path: str, rate: int, ch: int, stop_at: int) -> tuple[int, str | None]:
-    """Decode to count frames, stopping once there are ``stop_at`` (enough to refuse); with the
-    decoder's complaint, when it had one."""
-    frames = 0
-    with _ffmpeg(path, rate, ch) as (proc, stderr):
-        for block in _read_frames(proc.stdout, ch, _F32, 64 * 1024):
-            frames += len(block)
-            if frames >= stop_at:
-                return frames, None
-        code = proc.wait()
-        said = _tail(stderr)
-    if code != 0 or said:
-        return frames, said or f"ffmpeg exited with {code}"
-    return frames, None
-
-
 def _early_stop(decoded_s: float, claimed_s: float | None, reason: str | None) -> str | None:
     """The note for a decode that stopped early: seconds decoded and why, or None."""
     short = claimed_s is not None and decoded_s < claimed_s - _SHORT_S
@@ -245,14 +283,17 @@ def _spawn(args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def _ffmpeg(path: str, rate: int, ch: int) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
-    """ffmpeg decoding the first audio stream of ``path`` to f32le at its own rate, killed on exit."""
+def _ffmpeg(path: str) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
+    """ffmpeg decoding the first audio stream of ``path`` to a float WAV at its own rate on its
+    stdout, killed on exit."""
     binary = which(AudioSegment.converter)  # the ffmpeg pydub would use
     if binary is None:
         raise ConfigError(f"{AudioSegment.converter} is not installed; audio cannot be decoded")
-    # -ar and -ac pin what the probe saw, so the frame layout cannot drift mid-stream.
+    # The WAV header says the rate and channels of the first decoded frame; ffmpeg's encoder is
+    # set up from them, and later frames that differ are converted to them: the layout cannot
+    # drift mid-stream. -bitexact keeps ffmpeg's version out of the header.
     args = [binary, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-map", "0:a:0",
-            "-ac", str(ch), "-ar", str(rate), "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]  # fmt: skip
+            "-f", "wav", "-c:a", "pcm_f32le", "-bitexact", "pipe:1"]  # fmt: skip
     # stderr goes to an unnamed file: a pipe nobody reads could fill and stall ffmpeg.
     with tempfile.TemporaryFile() as stderr:
         proc = _spawn(args, stderr)
@@ -264,38 +305,6 @@ def _ffmpeg(path: str, rate: int, ch: int) -> Iterator[tuple[subprocess.Popen[by
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-
-
-def _probe_file(path: str) -> tuple[int, int, str, float | None]:
-    """Rate, channels, container name and duration (None when unknown) of the first audio stream."""
-    if which(get_prober_name()) is None:
-        raise ConfigError(f"{get_prober_name()} is not installed; audio cannot be probed")
-    try:
-        info: dict[str, Any] = mediainfo_json(path)
-        streams = [s for s in info.get("streams", []) if s.get("codec_type") == "audio"]
-        container = info.get("format", {})
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise AudioError(f"audio is unreadable: ffprobe failed ({exc})") from exc
-    if not info:
-        raise AudioError("audio is unreadable: ffprobe does not recognise it")
-    if not streams:
-        raise AudioError("not audio: the file has no audio stream")
-    stream = streams[0]
-    try:
-        rate, ch = int(stream["sample_rate"]), int(stream["channels"])
-    except (KeyError, ValueError) as exc:
-        raise AudioError("audio is unreadable: no sample rate or channel count") from exc
-    if rate <= 0 or ch <= 0:
-        raise AudioError(f"audio is unreadable: {rate} Hz, {ch} channels")
-    duration = _seconds(stream.get("duration")) or _seconds(container.get("duration"))
-    return rate, ch, str(container.get("format_name", "unknown")), duration
-
-
-def _seconds(value: Any) -> float | None:
-    try:
-        return float(value) if value not in (None, "N/A") else None
-    except (TypeError, ValueError):
-        return None
 
 
 @contextmanager

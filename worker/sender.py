@@ -352,8 +352,19 @@ class Sender:
             channels=int(entry.get("channels") or 1),
             max_bytes=self.settings.max_audio_bytes,
             max_seconds=self.settings.max_audio_seconds,
+            expected_s=entry.get("header_s"),
+            on_end=functools.partial(self._decoded, entry["utterance_id"]),
         )
         return chunks.rechunk(pcm, chunks.chunk_bytes(rate, self.chunk_ms))
+
+    def _decoded(self, uid: str, decoded: audio.Decoded) -> None:
+        """The decoded length (and why decoding stopped early) goes on the record, for people:
+        best effort, it never fails a send."""
+        fields = {"duration_in": round(decoded.duration_s, 3), "duration_estimated": 0, "decode_note": decoded.note}
+        try:
+            self.store.update_utterance(uid, **fields)
+        except redis.RedisError as exc:
+            log.debug("decoded length of %s not recorded: %s", uid, exc)
 
     def _audio_put(self, entry: dict[str, Any]) -> Callable[[bytes, bool], None]:
         """Sends one audio chunk of ``entry`` as an echo message, paced; starts the utterance's pacing."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +24,26 @@ FINAL_STATES = ("sent", "spoken", "interrupted", "cancelled", "failed")
 DELIVERED_STATES = ("sent", "spoken", "interrupted", "cancelled", "failed")
 EVENTS_MAXLEN = 10_000
 
-# KEYS: conversation, log, utterance, blob, inference, conversations
-# ARGV: entry json (without seq), utterance id, blob bytes or "", blob ttl, inference id, now, record json
+# KEYS: conversation, log, utterance, blob, inference, the staged blob (or none)
+# ARGV: entry json (without seq), utterance id, (unused), (unused), inference id, now, record json
+# The blob is written by a plain SET beside this script (same round trip) under a staged key that
+# this script renames into place or deletes: a blob of megabytes passed to a script as an argument
+# is copied twice more inside Redis.
 _ENQUEUE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return {-1, 0} end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {tonumber(redis.call('HGET', KEYS[3], 'seq')), 0}
+local function refuse(seq)
+  if KEYS[6] then redis.call('DEL', KEYS[6]) end
+  return {seq, 0}
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {-2, 0} end
+if redis.call('HGET', KEYS[1], 'state') ~= 'open' then return refuse(-1) end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return refuse(tonumber(redis.call('HGET', KEYS[3], 'seq')))
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then return refuse(-2) end
 local seq = redis.call('LLEN', KEYS[2]) + 1
 local entry = cjson.decode(ARGV[1])
 entry['seq'] = seq
 redis.call('RPUSH', KEYS[2], cjson.encode(entry))
-if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3], 'EX', tonumber(ARGV[4])) end
+if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then redis.call('RENAME', KEYS[6], KEYS[4]) end
 local rec = cjson.decode(ARGV[7])
 for k, v in pairs(rec) do redis.call('HSET', KEYS[3], k, tostring(v)) end
 redis.call('HSET', KEYS[3], 'seq', seq, 'state', 'queued', 'enqueued_at', ARGV[6])
@@ -366,16 +374,17 @@ class Store:
         """
         uid = entry["utterance_id"]
         inference_id = entry["inference_id"]
-        res = self._enqueue(
-            keys=[
-                keys.conversation(conversation_id),
-                keys.conv_log(conversation_id),
-                keys.utterance(uid),
-                keys.blob(uid),
-                keys.inference(inference_id),
-            ],
-            args=[json.dumps(entry), uid, blob or b"", blob_ttl, inference_id, f"{time.time():.6f}", json.dumps(record)],
-        )
+        keys_ = [keys.conversation(conversation_id), keys.conv_log(conversation_id), keys.utterance(uid),
+                 keys.blob(uid), keys.inference(inference_id)]
+        args = [json.dumps(entry), uid, "", blob_ttl, inference_id, f"{time.time():.6f}", json.dumps(record)]
+        if not blob:
+            res = self._enqueue(keys=keys_, args=args)
+            return int(res[0]), bool(res[1])
+        staged = f"{keys.blob(uid)}:staged:{uuid.uuid4().hex}"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(staged, blob, ex=blob_ttl)
+        self._enqueue(keys=[*keys_, staged], args=args, client=pipe)
+        res = pipe.execute()[1]
         return int(res[0]), bool(res[1])
 
     def enqueue_many(self, conversation_id: str, items: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[tuple[int, bool]]:

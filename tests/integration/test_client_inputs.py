@@ -113,3 +113,45 @@ def test_bad_audio_sources_are_refused_before_anything_is_enqueued(
         long_small.play("conv-x", root / "big.wav")
     assert redis_client.llen(keys.conv_log("conv-x")) == 0
     assert not redis_client.keys("echoq:blob:*")
+
+
+def test_play_reads_only_the_header_and_the_worker_records_what_decodes(
+    workers: Workers, simulator: Any, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """play() starts no process (no ffprobe, no decode): the record's duration is the header's
+    until the worker has decoded the audio, then the decoded one. A file whose header is sound
+    and whose frames are not fails in the worker, saying why, and the next utterance plays."""
+    import subprocess
+
+    from tests.badinput import encode
+
+    client = trusting(redis_client)
+    workers.start(1)
+    client.open("conv-h", "loopback://room-h")
+    mp3 = encode(tmp_path, "mp3", 1.0, 44100)
+    good = tmp_path / "ok.mp3"
+    good.write_bytes(mp3)
+    # a sound FLAC header (its STREAMINFO says 1 s) whose frames are noise: only decoding tells
+    flac = encode(tmp_path, "flac", 1.0, 44100)
+    first_frame = flac.find(b"\xff\xf8", 42)
+    noise = np.random.default_rng(4).integers(0, 256, len(flac) - first_frame - 2, dtype=np.uint8).tobytes()
+    broken = flac[:first_frame + 2] + noise
+
+    def no_process(*args: object, **kw: object) -> None:
+        raise AssertionError("play() started a process")
+
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", no_process)
+        played = client.play("conv-h", good, utterance_id="good")
+        failing = client.play("conv-h", broken, utterance_id="broken")
+        after = client.play("conv-h", pcm_24k(0.3), format="raw", source_rate=24000, utterance_id="after")
+    queued = client.status(played)
+    assert queued["duration_in"] == 1.0 and queued["duration_estimated"] is False  # the Xing header's count
+    rec = client.wait(played, timeout=30)
+    assert rec["state"] in ("sent", "spoken") and rec["duration_in"] == 1.0 and "decode_note" not in rec
+    bad = client.wait(failing, timeout=30)
+    assert bad["state"] == "failed" and "audio is unreadable" in bad["error"], bad
+    assert client.wait(after, timeout=30)["state"] in ("sent", "spoken")
+    inference_ids = [m.get("properties", {}).get("inference_id", m["event_type"]) for m in wire(redis_client, "room-h")]
+    assert "broken" not in inference_ids  # nothing of it was sent: not a sample decoded
+    assert inference_ids.index("after") > inference_ids.index("good")

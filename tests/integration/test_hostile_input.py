@@ -2,7 +2,9 @@
 
 For every case: the expected error (or, for media that decodes, the expected playback), nothing
 enqueued, the worker still alive, and the next good utterance on the same conversation spoken —
-once, after everything spoken before it.
+once, after everything spoken before it. Media whose header passes the producer's check but
+which fails to decode fails its utterance in the worker instead: the record says why, no
+``done`` goes out for it, and what was sent of it is cut with ``conversation.interrupt``.
 """
 
 from __future__ import annotations
@@ -141,14 +143,33 @@ def test_media(bench: Bench, name: str) -> None:
         return
     uid = bench.client.play(CID, data, format=fmt, inference_id=f"media-{name}")
     rec = bench.client.wait(uid, timeout=30)
+    if expect.startswith("failed:"):
+        then_it_failed_in_the_worker(bench, name, rec, expect.removeprefix("failed:"))
+        return
     assert rec["state"] in ("sent", "spoken"), rec
-    chunks = [m for m in wire(bench.redis, ROOM) if m["properties"].get("inference_id") == f"media-{name}"]
+    chunks = [m for m in wire(bench.redis, ROOM) if m.get("properties", {}).get("inference_id") == f"media-{name}"]
     assert chunks and [m["properties"]["done"] for m in chunks] == [False] * (len(chunks) - 1) + [True]
     assert sum(len(base64.b64decode(m["properties"]["audio"])) for m in chunks) > 0
     if expect == "noted":
         assert re.match(r"decoder stopped early: \d+\.\d\d s decoded", rec["decode_note"]), rec
     else:
         assert "decode_note" not in rec, rec
+    then_good_utterance_is_spoken(bench, name)
+
+
+def then_it_failed_in_the_worker(bench: Bench, name: str, rec: dict[str, Any], reason: str) -> None:
+    """Accepted at enqueue, failed when decoded: the record says why, nothing of it ends with
+    ``done``, and if part of it went out the room hears ``conversation.interrupt`` right after."""
+    assert rec["state"] == "failed" and re.search(reason, rec["error"]), rec
+    messages = wire(bench.redis, ROOM)
+    mine = [i for i, m in enumerate(messages) if m.get("properties", {}).get("inference_id") == f"media-{name}"]
+    assert not any(messages[i]["properties"]["done"] for i in mine)
+    if "longer than the limit" in reason:
+        assert mine, "the audio up to the limit went out before decoding found it too long"
+    if mine:
+        assert "cut mid-utterance: conversation.interrupt sent" in rec["error"], rec
+        assert messages[mine[-1] + 1]["event_type"] == "conversation.interrupt"
+        assert mine == list(range(mine[0], mine[-1] + 1))  # nothing else interleaved with it
     then_good_utterance_is_spoken(bench, name)
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from worker import audio
 from worker.errors import AudioError
+from worker.sniff import Header
 
 
 class Limits(TypedDict):
@@ -142,10 +143,12 @@ def test_each_format_decodes_from_bytes(
     tmp_path: Path, stereo_440: Path, ext: str, codec: str, extra: tuple[str, ...]
 ) -> None:
     data = encode(stereo_440, tmp_path / f"a.{ext}", codec, *extra).read_bytes()
-    info = audio.probe(data, format=ext, **LIMITS)
-    assert info.channels == 2
-    assert 0.95 < info.duration_s < 1.1
-    y = samples(audio.convert(data, format=ext, target_rate=24000, **LIMITS))
+    head = audio.sniff(data, format=ext, **LIMITS)  # the header alone says it
+    assert head.channels == 2 and not head.estimated
+    assert head.duration_s is not None and 0.95 < head.duration_s < 1.1
+    ends: list[audio.Decoded] = []
+    y = samples(audio.convert(data, format=ext, target_rate=24000, on_end=ends.append, **LIMITS))
+    assert len(ends) == 1 and ends[0].duration_s == pytest.approx(head.duration_s, abs=0.05) and ends[0].note is None
     assert 0.95 * 24000 < len(y) < 1.1 * 24000  # lossy codecs add a little padding
     spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
     assert abs(np.argmax(spectrum) * 24000 / len(y) - 440) < 5
@@ -182,8 +185,8 @@ def test_raw_pcm_with_stated_rate(tmp_path: Path) -> None:
         tmp_path / "s.raw", format="raw", source_rate=16000, channels=2, target_rate=16000, **LIMITS
     )
     assert out == raw
-    info = audio.probe(stereo, format="raw", source_rate=16000, channels=2, **LIMITS)
-    assert info == audio.AudioInfo(0.5, 16000, 2, "s16le")
+    head = audio.sniff(stereo, format="raw", source_rate=16000, channels=2, **LIMITS)
+    assert head == Header("s16le", 16000, 2, 0.5)
 
 
 def test_raw_pcm_needs_a_rate_and_whole_frames() -> None:
@@ -212,16 +215,18 @@ def one_second(tmp_path: Path) -> Path:
     return write_wav(tmp_path / "one.wav", tone(440, 24000, 1.0), 24000)
 
 
-def rejected(source: object, match: str, **kw: object) -> None:
+def rejected(source: object, match: str, decoded: str | None = None, **kw: object) -> None:
+    """Refused by the header check before enqueueing, and by the conversion (with ``decoded``,
+    the conversion's own words, when they differ)."""
     args = {**LIMITS, **kw}
     with pytest.raises(AudioError, match=match):
-        audio.probe(source, **args)  # type: ignore[arg-type]
-    with pytest.raises(AudioError, match=match):
+        audio.sniff(source, **args)  # type: ignore[arg-type]
+    with pytest.raises(AudioError, match=decoded or match):
         audio.convert(source, target_rate=24000, **args)  # type: ignore[arg-type]
 
 
 def test_unreadable_input_is_refused(tmp_path: Path) -> None:
-    rejected(b"this is not audio at all" * 40, "unreadable")
+    rejected(b"this is not audio at all" * 40, "not audio: the file is text", decoded="unreadable")
     rejected(tmp_path / "missing.mp3", "unreadable")
     rejected(b"", "empty")
 
@@ -255,13 +260,22 @@ def test_over_max_seconds(one_second: Path) -> None:
 
 
 def test_duration_is_enforced_on_decoded_samples(
-    one_second: Path, monkeypatch: pytest.MonkeyPatch, spawned: list[subprocess.Popen[bytes]]
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
 ) -> None:
-    """A container without a duration is counted while decoding, by probe and by the stream."""
-    real = audio._probe_file
-    monkeypatch.setattr(audio, "_probe_file", lambda path: (*real(path)[:3], None))
-    assert audio.probe(one_second, **LIMITS).duration_s == 1.0
-    rejected(one_second, "longer than", max_seconds=0.5)
+    """A container that does not say its duration passes the header check; the conversion counts
+    decoded samples and stops at the limit."""
+    from tests.badinput import encode as encode_tone
+
+    webm = encode_tone(tmp_path, "webm", 1.0)
+    at = webm.find(b"\x44\x89\x88")  # the Duration element (11 bytes) becomes a Void element
+    unsaid = webm[:at] + b"\xec\x89" + bytes(9) + webm[at + 11:]
+    head = audio.sniff(unsaid, format="webm", max_bytes=LIMITS["max_bytes"], max_seconds=0.5)
+    assert head.format == "webm" and head.duration_s is None
+    with pytest.raises(AudioError, match="longer than the limit"):
+        audio.convert(unsaid, format="webm", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=0.5)
+    ends: list[audio.Decoded] = []
+    audio.convert(unsaid, format="webm", target_rate=24000, on_end=ends.append, **LIMITS)
+    assert ends[0].duration_s == pytest.approx(1.0, abs=0.03)
     assert spawned and all(p.returncode is not None for p in spawned)
     for proc in spawned:
         assert_reaped(proc)
@@ -348,20 +362,25 @@ def test_encoded_audio_of_exactly_the_limit_passes_with_its_padding(tmp_path: Pa
     from tests.badinput import encode
 
     exact = encode(tmp_path, "mp3", 1.0, 44100)
-    info = audio.probe(exact, format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
-    assert 1.0 <= info.duration_s <= 1.0 + audio.PADDING_S  # the encoder's padding decodes too
-    assert len(audio.convert(exact, format="mp3", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0))
+    head = audio.sniff(exact, format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+    assert head.duration_s is not None and 1.0 <= head.duration_s <= 1.0 + audio.PADDING_S
+    ends: list[audio.Decoded] = []
+    assert len(audio.convert(exact, format="mp3", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0,
+                             on_end=ends.append))
+    assert 1.0 <= ends[0].duration_s <= 1.0 + audio.PADDING_S  # the encoder's padding decodes too
+    over = encode(tmp_path, "mp3", 1.3, 44100)
+    with pytest.raises(AudioError, match="longer than the limit"):  # its header says so
+        audio.sniff(over, format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
     with pytest.raises(AudioError, match="longer than the limit"):
-        audio.probe(encode(tmp_path, "mp3", 1.3, 44100), format="mp3", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+        audio.convert(over, format="mp3", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
 
 
-def test_a_header_that_understates_the_length_is_refused_on_what_decodes(tmp_path: Path) -> None:
+def test_a_header_that_understates_the_length_passes_the_check_and_is_refused_on_what_decodes(tmp_path: Path) -> None:
     from tests.badinput import lying_webm
 
     data = lying_webm(tmp_path, holds_s=3.0, claims_s=0.5)
-    assert audio._probe_file(_as_file(tmp_path, data, "webm"))[3] == pytest.approx(0.5)  # the lie is read
-    with pytest.raises(AudioError, match="longer than the limit"):
-        audio.probe(data, format="webm", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+    head = audio.sniff(data, format="webm", max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
+    assert head.duration_s == pytest.approx(0.5)  # the lie is read, and believed: nothing is decoded
     with pytest.raises(AudioError, match="longer than the limit"):
         audio.convert(data, format="webm", target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=1.0)
 
@@ -371,14 +390,14 @@ def test_a_truncated_file_is_noted_and_converts_as_far_as_it_decodes(tmp_path: P
 
     whole = encode(tmp_path, "mp3", 1.0, 24000)
     cut = whole[: len(whole) // 2]
-    info = audio.probe(cut, format="mp3", **LIMITS)
-    assert info.note is not None and info.note.startswith(f"decoder stopped early: {info.duration_s:.2f} s decoded of the")
-    assert audio.probe(whole, format="mp3", **LIMITS).note is None
-    pcm = audio.convert(cut, format="mp3", target_rate=24000, **LIMITS)
-    assert len(pcm) // 2 == pytest.approx(info.duration_s * 24000, abs=2)
-
-
-def _as_file(tmp_path: Path, data: bytes, ext: str) -> str:
-    path = tmp_path / f"probe.{ext}"
-    path.write_bytes(data)
-    return str(path)
+    head = audio.sniff(cut, format="mp3", **LIMITS)
+    assert head.duration_s == pytest.approx(1.0, abs=0.05)  # the header does not know it was cut
+    ends: list[audio.Decoded] = []
+    pcm = audio.convert(cut, format="mp3", target_rate=24000, expected_s=head.duration_s, on_end=ends.append, **LIMITS)
+    (decoded,) = ends
+    assert decoded.note is not None
+    assert decoded.note.startswith(f"decoder stopped early: {decoded.duration_s:.2f} s decoded of the")
+    assert len(pcm) // 2 == pytest.approx(decoded.duration_s * 24000, abs=2)
+    ends.clear()
+    audio.convert(whole, format="mp3", target_rate=24000, expected_s=head.duration_s, on_end=ends.append, **LIMITS)
+    assert ends[0].note is None
