@@ -21,6 +21,15 @@ prints min / median / max of each figure with the load average before and after.
               chunk set (p50 / p99 / max, and the last chunk's lateness: falling behind shows
               there), enqueue -> first chunk, the silence between the two clips beyond one chunk
               interval, how many rooms finished, and lease losses in the worker's log.
+``load``      one worker (burst pacing), --conversations loopback rooms, --texts text lines for
+              each from --producers threads of one process (each thread its share of the
+              rooms), with ``say`` one call at a time or ``say_many`` one batch per room:
+              calls/s, the time until the last line is on the wire, and enqueue -> on the wire
+              p50 / p99 / max over every line.
+``soak``      one worker in real-time pacing holding --rooms loopback rooms for --minutes, each
+              room given a 2 s clip and a text line every 4 s: the worker's RSS idle, with the
+              rooms held (per room), every --sample-s while they play (first and last sample after
+              the first minute, growth between them, largest), and after they are closed.
 ``interrupt`` one worker in real-time pacing, one conversation speaking a long utterance with
               --queued texts queued behind it: ``interrupt()`` call -> ``conversation.interrupt``
               on the wire, --samples times per repeat, p50 / p99 / max.
@@ -35,6 +44,8 @@ prints min / median / max of each figure with the load average before and after.
     .venv/bin/python scripts/bench.py delivery [--repeats 3] [--burst-conversations 4]
     .venv/bin/python scripts/bench.py enqueue [--repeats 3] [--count 2000] [--batch 200]
     .venv/bin/python scripts/bench.py pacing [--repeats 3] [--rooms 100] [--seconds 20] [--threads 8]
+    .venv/bin/python scripts/bench.py load [--conversations 200] [--texts 50] [--producers 4] [--mode say]
+    .venv/bin/python scripts/bench.py soak [--minutes 30] [--rooms 50]
     .venv/bin/python scripts/bench.py interrupt [--repeats 3] [--samples 20] [--queued 100]
     .venv/bin/python scripts/bench.py firstaudio [--repeats 3] [--samples 5]
 """
@@ -419,6 +430,128 @@ def bench_pacing(args: argparse.Namespace) -> None:
     print(f"load average after: {loadavg()}")
 
 
+# load ----------------------------------------------------------------------------------------
+
+def bench_load(args: argparse.Namespace) -> None:
+    header("load")
+    b = Bench()
+    figs = Figures()
+    total = args.conversations * args.texts
+    try:
+        b.start_worker(ECHOQ_MAX_SESSIONS=str(args.conversations + 10))
+        for rep in range(args.repeats):
+            ids = b.open_rooms(f"load{rep}", args.conversations)
+            arrivals = Arrivals(ids)
+            time.sleep(0.5)
+            enqueued: dict[bytes, float] = {}
+            lock = threading.Lock()
+
+            def produce(mine: list[str], lock: threading.Lock = lock, enqueued: dict[bytes, float] = enqueued) -> None:
+                client = EchoqClient(BENCH_URL)
+                stamps: dict[bytes, float] = {}
+                if args.mode == "many":
+                    for cid in mine:
+                        uids = [f"{cid}-{n}" for n in range(args.texts)]
+                        t = time.perf_counter()
+                        client.say_many(cid, [f"line {n}" for n in range(args.texts)], utterance_ids=uids)
+                        stamps.update((u.encode(), t) for u in uids)
+                else:
+                    for n in range(args.texts):
+                        for cid in mine:
+                            uid = f"{cid}-{n}"
+                            stamps[uid.encode()] = time.perf_counter()
+                            client.say(cid, f"line {n}", utterance_id=uid)
+                with lock:
+                    enqueued.update(stamps)
+
+            shares = [ids[i::args.producers] for i in range(args.producers)]
+            threads = [threading.Thread(target=produce, args=(share,)) for share in shares]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            t_enq = time.perf_counter() - t0
+            wait(lambda arrivals=arrivals: len(arrivals.seen) >= total, 300, f"all {total} lines on the wire")
+            arrivals.stop.set()
+            lat = [(arrivals.seen[u] - t) * 1000 for u, t in enqueued.items()]
+            figs.add(f"{args.mode}: calls/s from {args.producers} producer threads" if args.mode == "say"
+                     else f"{args.mode}: lines/s enqueued from {args.producers} producer threads", total / t_enq)
+            figs.add("first enqueue -> last line on the wire, s", max(arrivals.seen.values()) - t0)
+            figs.add("enqueue -> on the wire p50 ms", pct(lat, 50))
+            figs.add("enqueue -> on the wire p99 ms", pct(lat, 99))
+            figs.add("enqueue -> on the wire max ms", max(lat))
+            for cid in ids:
+                b.client.close(cid)
+    finally:
+        b.close()
+    print(f"{args.conversations} conversations x {args.texts} text lines, {args.producers} producer threads, "
+          f"mode {args.mode}, one worker, burst pacing, {args.repeats} repeats:")
+    figs.print()
+    print(f"load average after: {loadavg()}")
+
+
+# soak ----------------------------------------------------------------------------------------
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for process {pid}")
+
+
+def bench_soak(args: argparse.Namespace) -> None:
+    header("soak")
+    b = Bench()
+    clip = tone(OUT / "soak.wav", 2.0)
+    samples: list[tuple[float, float]] = []
+    said = played = 0
+    try:
+        pid = b.start_worker(ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS=str(args.rooms + 10))
+        time.sleep(2.0)
+        idle = rss_mb(pid)
+        ids = b.open_rooms("soak", args.rooms)
+        held = rss_mb(pid)
+        print(f"RSS idle {idle:.1f} MB; with {args.rooms} rooms held {held:.1f} MB: "
+              f"{(held - idle) / args.rooms:.3f} MB per room", flush=True)
+        t0 = time.monotonic()
+        next_sample = t0
+        cycle = 0
+        while time.monotonic() - t0 < args.minutes * 60:
+            for cid in ids:
+                b.client.play(cid, clip, utterance_id=f"{cid}-c{cycle}")
+                b.client.say(cid, f"line {cycle}", utterance_id=f"{cid}-t{cycle}")
+            played += len(ids)
+            said += len(ids)
+            cycle += 1
+            deadline = t0 + cycle * 4.0
+            while time.monotonic() < deadline:
+                if time.monotonic() >= next_sample:
+                    elapsed = time.monotonic() - t0
+                    samples.append((elapsed, rss_mb(pid)))
+                    print(f"  {elapsed / 60:5.1f} min  RSS {samples[-1][1]:7.1f} MB  load {loadavg()}", flush=True)
+                    next_sample += args.sample_s
+                time.sleep(0.2)
+        for cid in ids:
+            b.client.wait(f"{cid}-t{cycle - 1}", timeout=120, poll_s=0.2)
+        failed = sum(1 for cid in ids for c in range(cycle) for kind in "ct"
+                     if (b.client.status(f"{cid}-{kind}{c}") or {}).get("state") not in ("sent", "spoken"))
+        for cid in ids:
+            b.client.close(cid)
+        wait(lambda: not any(b.r.exists(keys.lease(c)) for c in ids), 120, "rooms closed")
+        time.sleep(2.0)
+        closed = rss_mb(pid)
+    finally:
+        b.close()
+    warm = [rss for elapsed, rss in samples if elapsed >= 60] or [rss for _, rss in samples]
+    print(f"{args.rooms} rooms for {args.minutes:g} min: {played} clips and {said} lines enqueued, {failed} not sent")
+    print(f"  RSS idle {idle:.1f} MB, rooms held {held:.1f} MB ({(held - idle) / args.rooms:.3f} MB per room)")
+    print(f"  RSS after the first minute {warm[0]:.1f} MB, at the end {warm[-1]:.1f} MB "
+          f"({(warm[-1] - warm[0]) / warm[0] * 100:+.1f} %), largest {max(warm):.1f} MB")
+    print(f"  RSS after every room closed {closed:.1f} MB")
+    print(f"load average after: {loadavg()}")
+
+
 # interrupt -----------------------------------------------------------------------------------
 
 def bench_interrupt(args: argparse.Namespace) -> None:
@@ -563,11 +696,22 @@ def main() -> int:
     i.add_argument("--repeats", type=int, default=3)
     i.add_argument("--samples", type=int, default=20)
     i.add_argument("--queued", type=int, default=100)
+    lo = sub.add_parser("load", help="many conversations x many text lines from producer threads: enqueue -> wire")
+    lo.add_argument("--repeats", type=int, default=1)
+    lo.add_argument("--conversations", type=int, default=200)
+    lo.add_argument("--texts", type=int, default=50)
+    lo.add_argument("--producers", type=int, default=4)
+    lo.add_argument("--mode", choices=("say", "many"), default="say")
+    so = sub.add_parser("soak", help="worker RSS per room held and over a long run of real-time playing")
+    so.add_argument("--minutes", type=float, default=30.0)
+    so.add_argument("--rooms", type=int, default=50)
+    so.add_argument("--sample-s", type=float, default=30.0)
     f = sub.add_parser("firstaudio", help="play() call and enqueue -> first chunk of MP3s, conversion anchors")
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--samples", type=int, default=5)
     args = ap.parse_args()
-    {"delivery": bench_delivery, "enqueue": bench_enqueue, "pacing": bench_pacing, "interrupt": bench_interrupt,
+    {"delivery": bench_delivery, "enqueue": bench_enqueue, "pacing": bench_pacing, "soak": bench_soak, "load": bench_load,
+     "interrupt": bench_interrupt,
      "firstaudio": bench_firstaudio}[args.what](args)
     return 0
 

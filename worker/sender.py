@@ -401,7 +401,7 @@ class Sender:
 
     def _prefetch(self, entry: dict[str, Any]) -> None:
         with self._prefetch_lock:
-            if self._prefetched is not None:
+            if self._prefetched is not None or self.stopping():  # a sender let go drops, not starts
                 return
             self._prefetched = self._read_ahead(entry)
         step(log, "utterance.decoding_ahead", conversation=self.cid, utterance=entry["utterance_id"],
