@@ -44,6 +44,9 @@ CONVERSATIONS_WAITING = Gauge(
     "echoq_conversations_waiting",
     "Open conversations no worker could take at this worker's last scan (every worker at its limit)",
 )
+CONVERSATIONS_SHED = Counter(
+    "echoq_conversations_shed", "Conversations this worker let go because it could not keep up",
+)
 BACKLOG = Gauge("echoq_backlog", "Log entries not yet sent, per conversation", ["conversation_id"])
 
 # Pre-create the fixed label sets so dashboards see zeros instead of missing series.
@@ -102,6 +105,11 @@ def conversations_waiting(n: int) -> None:
 def backlog(conversation_id: str, n: int) -> None:
     """Set how many entries of a conversation's log are waiting to be sent."""
     BACKLOG.labels(conversation_id=conversation_id).set(n)
+
+
+def conversation_shed() -> None:
+    """Count one conversation let go because this worker could not keep up."""
+    CONVERSATIONS_SHED.inc()
 
 
 def forget_conversation(conversation_id: str) -> None:
