@@ -46,6 +46,10 @@ class Fence:
         # max(): the supervisor and the sender both renew; a late reply must not move it back
         self._until = max(self._until, requested_at + self.ttl_s - self.margin_s)
 
+    def close(self) -> None:
+        """Nothing goes out any more without a renewal first (the lease is let go or lost)."""
+        self._until = float("-inf")
+
     def is_open(self) -> bool:
         """Whether a message may go out now."""
         return self._clock() < self._until

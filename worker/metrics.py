@@ -50,6 +50,9 @@ PACING_LATENESS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
 )
 PACING_PLAYING = Gauge("echoq_pacing_playing", "Utterances the pacing loop is playing now")
+CONVERSATIONS_SHED = Counter(
+    "echoq_conversations_shed", "Conversations this worker let go because it could not keep up",
+)
 BACKLOG = Gauge("echoq_backlog", "Log entries not yet sent, per conversation", ["conversation_id"])
 
 # Pre-create the fixed label sets so dashboards see zeros instead of missing series.
@@ -117,6 +120,11 @@ def conversations_waiting(n: int) -> None:
 def backlog(conversation_id: str, n: int) -> None:
     """Set how many entries of a conversation's log are waiting to be sent."""
     BACKLOG.labels(conversation_id=conversation_id).set(n)
+
+
+def conversation_shed() -> None:
+    """Count one conversation let go because this worker could not keep up."""
+    CONVERSATIONS_SHED.inc()
 
 
 def forget_conversation(conversation_id: str) -> None:

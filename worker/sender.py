@@ -82,6 +82,7 @@ class Pacer:
         self._last = 0.0
         self._t0 = 0.0
         self._audio_s = 0.0
+        self.late = 0  # times the real-time clock restarted because a chunk was more than a chunk late
 
     def start_utterance(self) -> None:
         """A new utterance (or the rest of one, after a hand-over) starts its real-time clock now."""
@@ -106,6 +107,7 @@ class Pacer:
                 # more than a chunk late (a stall, a retry): the room has heard a gap already, and
                 # catching up would burst; the clock starts again here instead
                 self._t0, due = now - self._audio_s + audio_seconds, now
+                self.late += 1
         self._audio_s += audio_seconds
         return due
 

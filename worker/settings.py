@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=50, ge=1, description="Conversations one worker process holds")
     worker_concurrency: int = Field(default=8, ge=1)
 
+    # Shedding: a worker that cannot keep up stops adopting and lets conversations go, one at a time
+    shed_late_fraction: float = Field(
+        default=0.25, ge=0, lt=1,
+        description="Supervisor scans that wake later than this fraction of lease_ttl_s, twice in a row, "
+                    "mean the worker cannot keep up; 0 turns this signal off")
+    shed_late_chunks: int = Field(
+        default=10, ge=0,
+        description="A real-time conversation whose audio fell more than a chunk behind this many times in one "
+                    "lease TTL is behind; two or more behind, and at least half of the real-time ones, mean the "
+                    "worker cannot keep up; 0 turns this signal off")
+    shed_cooldown_s: float = Field(
+        default=30.0, gt=0,
+        description="How long after it last could not keep up a worker adopts nothing (and does not take back "
+                    "what it let go)")
+
     # Scheduler (`echoq beat`): a standby takes over at most lock timeout + max interval after
     # the active beat dies, and within one max interval after it stops cleanly
     beat_max_interval_s: float = Field(default=1.0, gt=0, description="Longest sleep between beat ticks; also how often a standby retries the lock")

@@ -415,6 +415,18 @@ class Store:
     def backlog(self, conversation_id: str) -> int:
         return max(0, self.log_length(conversation_id) - self.cursor(conversation_id).seq)
 
+    def supervision(self, conversation_ids: list[str]) -> list[tuple[int, str | None]]:
+        """:meth:`backlog` and the record's ``state`` (None without a record) of each
+        conversation, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for cid in conversation_ids:
+            pipe.llen(keys.conv_log(cid))
+            pipe.hget(keys.conv_cursor(cid), "seq")
+            pipe.hget(keys.conversation(cid), "state")
+        raw = pipe.execute()
+        return [(max(0, int(length) - int(seq or 0)), text(state) if state is not None else None)
+                for length, seq, state in zip(raw[0::3], raw[1::3], raw[2::3], strict=True)]
+
     # cursor --------------------------------------------------------------------------------
 
     def cursor(self, conversation_id: str) -> Cursor:

@@ -13,6 +13,7 @@ Faults are injected through the URL's query, so tests can drive every retry path
 ``max_bytes=N``    messages over N bytes are refused (``MessageTooLarge``)
 ``max_rate=R``     more than R messages in one second are refused (``RateLimited``)
 ``join_delay=S``   a join takes S seconds; ``join_fail=1`` makes it fail after that
+``send_delay=S``   each message takes S seconds to go (a room slower than real time)
 ``replica=0``      do not wait for the simulator before the first send
 ``seed=N``         seed of the fault dice
 =================  ==========================================================================
@@ -65,7 +66,8 @@ def parse_loopback_url(url: str) -> tuple[str, dict[str, str]]:
     if parts.scheme != "loopback" or not parts.netloc:
         raise InvalidInput(f"not a loopback URL: {url!r}")
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    known = {"fail_rate", "disconnect_after", "max_bytes", "max_rate", "join_delay", "join_fail", "replica", "seed"}
+    known = {"fail_rate", "disconnect_after", "max_bytes", "max_rate", "join_delay", "join_fail", "send_delay", "replica",
+             "seed"}
     unknown = set(options) - known
     if unknown:
         raise InvalidInput(f"unknown loopback option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -84,6 +86,7 @@ class LoopbackTransport(Transport):
             self.max_bytes = int(opts.get("max_bytes", 0))
             self.max_rate = float(opts.get("max_rate", 0))
             self.join_delay = float(opts.get("join_delay", 0))
+            self.send_delay = float(opts.get("send_delay", 0))
             self.join_fail = opts.get("join_fail", "0") not in ("0", "", "false")
             self.wait_replica = opts.get("replica", "1") not in ("0", "false")
             seed = opts.get("seed")
@@ -157,6 +160,8 @@ class LoopbackTransport(Transport):
         """The encoded message and its send id, once the room's injected faults let it go."""
         if not self._joined:
             raise RoomDisconnected(f"loopback room {self.room!r} is not joined")
+        if self.send_delay:
+            time.sleep(self.send_delay)
         data = encode(message)
         if self.max_bytes and len(data) > self.max_bytes:
             raise MessageTooLarge(f"message is {len(data)} bytes, room limit {self.max_bytes}")
