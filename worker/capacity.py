@@ -64,6 +64,11 @@ def session_limit(settings: Settings, threads: int) -> int:
 
 
 def paces_in_real_time(settings: Settings, mode: str) -> bool:
+    """Whether a conversation in ``mode`` sends its audio at real time."""
+    return settings.pacing == "realtime" or mode == "microphone"
+
+
+def holds_a_thread(settings: Settings, mode: str) -> bool:
     """Whether a conversation in ``mode`` holds a thread while it plays (in real-time pacing the
     pacing loop sends echo audio, unless ``ECHOQ_PACING_LOOP=false``)."""
     return (settings.pacing == "realtime" and not settings.pacing_loop) or mode == "microphone"

@@ -342,9 +342,9 @@ class SessionManager:
 
     def _room_for(self, mode: str) -> bool:
         """Whether one more conversation in ``mode`` keeps every real-time sender served."""
-        if not capacity.paces_in_real_time(self.settings, mode):
+        if not capacity.holds_a_thread(self.settings, mode):
             return True
-        paced = sum(1 for s in list(self.sessions.values()) if capacity.paces_in_real_time(self.settings, s.mode))
+        paced = sum(1 for s in list(self.sessions.values()) if capacity.holds_a_thread(self.settings, s.mode))
         return paced < capacity.realtime_slots(self.threads)
 
     def _closed_unjoined(self, cid: str, conv: dict[str, str]) -> bool:

@@ -9,21 +9,22 @@ from worker.settings import Settings
 def test_burst_pacing_is_limited_by_max_sessions_alone() -> None:
     s = Settings(pacing="burst", max_sessions=50)
     assert capacity.session_limit(s, threads=8) == 50
-    assert not capacity.paces_in_real_time(s, "echo")
+    assert not capacity.paces_in_real_time(s, "echo") and not capacity.holds_a_thread(s, "echo")
     assert capacity.paces_in_real_time(s, "microphone")  # microphone audio is always real time
+    assert capacity.holds_a_thread(s, "microphone")
 
 
 def test_realtime_pacing_with_the_pacing_loop_holds_no_thread_per_echo_conversation() -> None:
     s = Settings(pacing="realtime", max_sessions=50)
     assert capacity.session_limit(s, threads=8) == 50
-    assert not capacity.paces_in_real_time(s, "echo")
-    assert capacity.paces_in_real_time(s, "microphone")  # the microphone writer keeps its thread
+    assert capacity.paces_in_real_time(s, "echo") and not capacity.holds_a_thread(s, "echo")
+    assert capacity.holds_a_thread(s, "microphone")  # the microphone writer keeps its thread
 
 
 def test_realtime_pacing_on_threads_leaves_two_threads_for_control_tasks() -> None:
     s = Settings(pacing="realtime", pacing_loop=False, max_sessions=50)
     assert capacity.session_limit(s, threads=8) == 6
-    assert capacity.paces_in_real_time(s, "echo")
+    assert capacity.holds_a_thread(s, "echo")
     assert capacity.session_limit(Settings(pacing="realtime", pacing_loop=False, max_sessions=3), threads=8) == 3
     assert capacity.session_limit(s, threads=1) == 1  # a one-thread worker still serves one
 
