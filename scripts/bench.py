@@ -174,17 +174,27 @@ class Bench:
         self.r.flushdb()
         self.settings = get_settings()
         OUT.mkdir(parents=True, exist_ok=True)
+        for old_log in OUT.glob("worker*.log"):  # a log of an earlier run must not count in this one
+            old_log.unlink()
         self.client = EchoqClient(BENCH_URL)
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes] | None:
+        return self.workers[0] if self.workers else None
 
     def start_worker(self, threads: int = 8, **env_extra: str) -> int:
+        """Start one more worker process (the first is named WORKER_NAME); returns its pid."""
+        name = WORKER_NAME if not self.workers else WORKER_NAME.replace("@", f"{len(self.workers)}@")
         env = {**os.environ, "ECHOQ_REDIS_URL": BENCH_URL, "ECHOQ_LOG_LEVEL": "WARNING",
                "ECHOQ_SCAN_INTERVAL_S": "0.5", "ECHOQ_MAX_SESSIONS": "200", **env_extra}
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "-c", str(threads), "-n", WORKER_NAME],
-            cwd=ROOT, env=env, stdout=(OUT / "worker.log").open("wb"), stderr=subprocess.STDOUT)
-        wait(lambda: self.r.hexists(keys.WORKERS, WORKER_NAME), 60, "the worker")
-        return self.worker.pid
+        log_name = "worker.log" if not self.workers else f"worker{len(self.workers)}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "-c", str(threads), "-n", name],
+            cwd=ROOT, env=env, stdout=(OUT / log_name).open("wb"), stderr=subprocess.STDOUT)
+        self.workers.append(proc)
+        wait(lambda: self.r.hexists(keys.WORKERS, name), 60, f"the worker {name}")
+        return proc.pid
 
     def open_rooms(self, prefix: str, n: int) -> list[str]:
         """Open ``n`` loopback conversations ``prefix-i`` (room of the same name), wait until owned."""
@@ -197,9 +207,10 @@ class Bench:
         return ids
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.terminate()
-            self.worker.wait(30)
+        for proc in self.workers:
+            proc.terminate()
+        for proc in self.workers:
+            proc.wait(30)
         self.r.flushdb()
 
 
@@ -358,8 +369,10 @@ def bench_pacing(args: argparse.Namespace) -> None:
     clip = tone(OUT / "pace.wav", args.seconds)
     per_utt = int(round(args.seconds / chunk_s))
     try:
-        b.start_worker(threads=args.threads, ECHOQ_PACING="realtime", ECHOQ_MAX_SESSIONS=str(args.rooms + 10),
-                       ECHOQ_PACING_LOOP="true" if args.loop == "on" else "false")
+        for _ in range(args.workers):  # each takes at most its share of the rooms
+            b.start_worker(threads=args.threads, ECHOQ_PACING="realtime",
+                           ECHOQ_MAX_SESSIONS=str(-(-args.rooms // args.workers)),
+                           ECHOQ_PACING_LOOP="true" if args.loop == "on" else "false")
         for rep in range(args.repeats):
             ids = b.open_rooms(f"pace{rep}", args.rooms)
             reader = Chunks(ids)
@@ -419,12 +432,12 @@ def bench_pacing(args: argparse.Namespace) -> None:
             for cid in ids:
                 b.client.close(cid)
             wait(lambda ids=ids: not any(b.r.exists(keys.lease(c)) for c in ids), 120, "rooms closed")
-        log = (OUT / "worker.log").read_text(errors="replace")
-        figs.add("lease.lost in the worker log (all repeats)", log.count("lease.lost"))
+        logs = "".join(path.read_text(errors="replace") for path in OUT.glob("worker*.log"))
+        figs.add("lease.lost in the workers' logs (all repeats)", logs.count("lease.lost"))
     finally:
         b.close()
     print(f"{args.rooms} rooms x 2 clips of {args.seconds:g} s ({b.settings.chunk_ms} ms chunks), starts spread over "
-          f"{args.stagger:g} s, one worker with {args.threads} threads, real-time pacing, pacing loop {args.loop}, "
+          f"{args.stagger:g} s, {args.workers} worker process(es) with {args.threads} threads each, real-time pacing, pacing loop {args.loop}, "
           f"{args.repeats} repeats:")
     figs.print()
     print(f"load average after: {loadavg()}")
@@ -690,6 +703,7 @@ def main() -> int:
     pa.add_argument("--rooms", type=int, default=100)
     pa.add_argument("--seconds", type=float, default=20.0)
     pa.add_argument("--threads", type=int, default=8)
+    pa.add_argument("--workers", type=int, default=1, help="worker processes, each holding its share of the rooms")
     pa.add_argument("--stagger", type=float, default=0.0, help="spread the rooms' starts over this many seconds")
     pa.add_argument("--loop", choices=("on", "off"), default="on", help="ECHOQ_PACING_LOOP (off: a thread per room)")
     i = sub.add_parser("interrupt", help="interrupt() -> conversation.interrupt on the wire, 100 queued")
