@@ -377,6 +377,8 @@ def bench_pacing(args: argparse.Namespace) -> None:
             ids = b.open_rooms(f"pace{rep}", args.rooms)
             reader = Chunks(ids)
             time.sleep(0.3)
+            pids = [proc.pid for proc in b.workers]
+            cpu0, own0 = sum(cpu_seconds(pid) for pid in pids), time.process_time()
             t_enq: dict[str, float] = {}
             t0 = time.perf_counter()
             for n, cid in enumerate(ids):
@@ -389,6 +391,10 @@ def bench_pacing(args: argparse.Namespace) -> None:
             while time.monotonic() < deadline and reader.count < 2 * per_utt * len(ids):
                 time.sleep(0.2)
             reader.stop.set()
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+            figs.add("workers' CPU ms per message", cpu * 1000 / max(1, reader.count))
+            figs.add("this script's CPU ms per message (enqueue, reading the rooms)",
+                     (time.process_time() - own0) * 1000 / max(1, reader.count))
             late: list[float] = []
             last_late: list[float] = []
             first: list[float] = []
