@@ -110,6 +110,13 @@ class ReadAhead:
     def close(self) -> None:
         """Stop converting and wait (bounded) for the thread to let go of the decoder."""
         self._stop.set()
+        # a thread waiting to put into a full queue gets its room now and sees the flag at once
+        # (instead of at its next look, up to _PUT_POLL_S later: an interrupt waits on this)
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
         self._thread.join(_CLOSE_TIMEOUT_S)
         if self._thread.is_alive():
             log.warning("audio reader for %s did not stop within %.0fs", self.utterance_id, _CLOSE_TIMEOUT_S)
