@@ -140,6 +140,9 @@ def pcm_stream(
     if _is_raw(format):
         rate, ch = _raw_params(source_rate, channels)
         return _raw_stream(source, rate, ch, target_rate, max_bytes, max_seconds, block_bytes, on_end)
+    wav = _plain_wav(source, max_bytes)
+    if wav is not None:
+        return _wav_stream(source, wav, target_rate, max_seconds, block_bytes, expected_s, on_end)
     return _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s, on_end)
 
 
@@ -158,6 +161,55 @@ def _raw_stream(
             _read_frames(stream, ch, _S16, block_bytes), rate, target_rate, int(max_seconds * rate),
             None if on_end is None else lambda n: on_end(Decoded(n / rate)),
         )
+    if frames == 0:
+        raise AudioError("audio is empty: no samples")
+
+
+@dataclass(frozen=True)
+class _PlainWav:
+    """Where the samples of a 16-bit PCM WAV file are: read as they are, with no decoder."""
+
+    rate: int
+    channels: int
+    offset: int
+    size: int
+
+
+def _plain_wav(source: Source, max_bytes: int) -> _PlainWav | None:
+    """The layout of ``source`` if it is a 16-bit integer PCM WAV file (what most speech
+    synthesizers write), else None (ffmpeg decodes it). Starting a decoder process costs tens of
+    milliseconds of CPU, more than converting a short clip; these samples need no decoding."""
+    try:
+        size = _checked_size(source, max_bytes)
+    except AudioError:
+        return None  # the decoder path reports it
+    with _open_raw(source) as stream:
+        try:
+            fmt, _fact, stated = wav_chunks(stream.read)
+        except AudioError:
+            return None
+        offset = stream.tell()
+    if fmt.tag != 1 or fmt.bits != 16 or not 1 <= fmt.channels <= 8 or not 1000 <= fmt.rate <= 384000:
+        return None
+    held = size - offset
+    data = held if stated in (0, 0xFFFFFFFF) else min(stated, held)  # 0 / ~0: written as a stream, or RF64
+    frame = 2 * fmt.channels
+    return _PlainWav(fmt.rate, fmt.channels, offset, data - data % frame)  # a cut last frame is dropped
+
+
+def _wav_stream(
+    source: Source, wav: _PlainWav, target_rate: int, max_seconds: float, block_bytes: int,
+    expected_s: float | None, on_end: Callable[[Decoded], None] | None,
+) -> Generator[bytes, None, None]:
+    def ended(frames: int) -> None:
+        if on_end is not None and frames:
+            on_end(Decoded(frames / wav.rate, _early_stop(frames / wav.rate, expected_s, None)))
+
+    with _open_raw(source) as stream:
+        stream.seek(wav.offset)
+        samples = io.BytesIO(stream.read(wav.size))
+        frames = yield from _resample(_read_frames(samples, wav.channels, _S16, block_bytes), wav.rate, target_rate,
+                                      _max_frames(max_seconds, wav.rate), ended)
     if frames == 0:
         raise AudioError("audio is empty: no samples")
 

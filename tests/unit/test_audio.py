@@ -401,3 +401,42 @@ def test_a_truncated_file_is_noted_and_converts_as_far_as_it_decodes(tmp_path: P
     ends.clear()
     audio.convert(whole, format="mp3", target_rate=24000, expected_s=head.duration_s, on_end=ends.append, **LIMITS)
     assert ends[0].note is None
+
+
+# 16-bit PCM WAV: read as it is, no decoder ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(24000, 1), (16000, 1), (44100, 2), (22050, 2), (48000, 1)])
+@pytest.mark.parametrize("target", [16000, 24000])
+def test_a_16_bit_wav_converts_without_a_decoder_to_the_bytes_the_decoder_gives(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]], rate: int, channels: int, target: int
+) -> None:
+    noise = np.random.default_rng(rate + channels).uniform(-0.5, 0.5, (rate, channels)) * 32767
+    data = write_wav(tmp_path / "n.wav", noise.astype(np.int16), rate).read_bytes()
+    ends: list[audio.Decoded] = []
+    fast = audio.convert(data, target_rate=target, on_end=ends.append, **LIMITS)
+    assert spawned == []  # no process for it
+    assert ends == [audio.Decoded(1.0, None)]
+    decoded = b"".join(audio._file_stream(data, None, target, LIMITS["max_bytes"], LIMITS["max_seconds"], 64 * 1024,
+                                          None, None))
+    assert len(spawned) == 1  # the decoder's way, for comparison
+    assert fast == decoded
+
+
+def test_other_wavs_go_to_the_decoder_and_a_plain_wavs_limits_and_cut_frames_hold(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    pcm16 = write_wav(tmp_path / "a.wav", tone(440, 24000, 1.0), 24000)
+    f32 = tmp_path / "f.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(pcm16), "-c:a", "pcm_f32le", str(f32)], check=True)
+    assert len(audio.convert(f32, target_rate=24000, **LIMITS)) == 48000
+    assert len(spawned) == 1  # a float WAV is decoded by ffmpeg
+    data = pcm16.read_bytes()
+    with pytest.raises(AudioError, match="longer than the limit"):
+        audio.convert(data, target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=0.5)
+    cut = data[:-1]  # the last sample frame cut in half: it is dropped, the rest plays
+    assert audio.convert(cut, target_rate=24000, **LIMITS) == audio.convert(data, target_rate=24000, **LIMITS)[:-2]
+    empty = data[:44]  # a header and no samples
+    with pytest.raises(AudioError, match="empty"):
+        audio.convert(empty, target_rate=24000, **LIMITS)
+    assert len(spawned) == 1
