@@ -173,6 +173,8 @@ class _PlainWav:
     channels: int
     offset: int
     size: int
+    #: the data chunk says it holds more than the file does: a file cut short
+    short_by: int = 0
 
 
 def _plain_wav(source: Source, max_bytes: int) -> _PlainWav | None:
@@ -194,7 +196,10 @@ def _plain_wav(source: Source, max_bytes: int) -> _PlainWav | None:
     held = size - offset
     data = held if stated in (0, 0xFFFFFFFF) else min(stated, held)  # 0 / ~0: written as a stream, or RF64
     frame = 2 * fmt.channels
-    return _PlainWav(fmt.rate, fmt.channels, offset, data - data % frame)  # a cut last frame is dropped
+    # a size no file under the limit could have is a placeholder (a WAV written as a stream), not
+    # a promise the file broke; a size it could have and does not is a file cut short
+    short_by = stated - held if held < stated <= max_bytes else 0
+    return _PlainWav(fmt.rate, fmt.channels, offset, data - data % frame, short_by)  # a cut last frame is dropped
 
 
 def _wav_stream(
@@ -202,8 +207,10 @@ def _wav_stream(
     expected_s: float | None, on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
     def ended(frames: int) -> None:
+        # a file cut short plays what it holds; the note says where it stopped and why
+        reason = f"the file ends {wav.short_by} bytes before its data chunk does" if wav.short_by else None
         if on_end is not None and frames:
-            on_end(Decoded(frames / wav.rate, _early_stop(frames / wav.rate, expected_s, None)))
+            on_end(Decoded(frames / wav.rate, _early_stop(frames / wav.rate, expected_s, reason)))
 
     with _open_raw(source) as stream:
         stream.seek(wav.offset)

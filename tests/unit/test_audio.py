@@ -434,8 +434,11 @@ def test_other_wavs_go_to_the_decoder_and_a_plain_wavs_limits_and_cut_frames_hol
     data = pcm16.read_bytes()
     with pytest.raises(AudioError, match="longer than the limit"):
         audio.convert(data, target_rate=24000, max_bytes=LIMITS["max_bytes"], max_seconds=0.5)
-    cut = data[:-1]  # the last sample frame cut in half: it is dropped, the rest plays
-    assert audio.convert(cut, target_rate=24000, **LIMITS) == audio.convert(data, target_rate=24000, **LIMITS)[:-2]
+    cut = data[:-1]  # the last sample frame cut in half: it is dropped, the rest plays, and the note says so
+    ends: list[audio.Decoded] = []
+    assert audio.convert(cut, target_rate=24000, on_end=ends.append, **LIMITS) == \
+        audio.convert(data, target_rate=24000, **LIMITS)[:-2]
+    assert ends[0].note is not None and "ends 1 bytes before its data chunk does" in ends[0].note
     empty = data[:44]  # a header and no samples
     with pytest.raises(AudioError, match="empty"):
         audio.convert(empty, target_rate=24000, **LIMITS)
