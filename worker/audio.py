@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import soxr
@@ -214,11 +214,29 @@ def _wav_stream(
 
     with _open_raw(source) as stream:
         stream.seek(wav.offset)
-        samples = io.BytesIO(stream.read(wav.size))
+        samples = _Bounded(stream, wav.size)  # read as it goes, up to the data chunk's end
         frames = yield from _resample(_read_frames(samples, wav.channels, _S16, block_bytes), wav.rate, target_rate,
                                       _max_frames(max_seconds, wav.rate), ended)
     if frames == 0:
         raise AudioError("audio is empty: no samples")
+
+
+class _Reads(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _Bounded:
+    """The first ``size`` bytes of ``stream``, from where it is."""
+
+    def __init__(self, stream: IO[bytes], size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._left if n < 0 else min(n, self._left)
+        data = self._stream.read(want) if want else b""
+        self._left -= len(data)
+        return data
 
 
 def _file_stream(
@@ -298,7 +316,7 @@ def _to_s16le(samples: np.ndarray) -> bytes:
     return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
-def _read_frames(stream: IO[bytes] | None, ch: int, width: int, block_bytes: int) -> Iterator[np.ndarray]:
+def _read_frames(stream: _Reads | None, ch: int, width: int, block_bytes: int) -> Iterator[np.ndarray]:
     """Float32 frames of shape (n, ch) from s16le (width 2) or f32le (width 4) bytes."""
     assert stream is not None
     frame = ch * width

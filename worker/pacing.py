@@ -33,6 +33,7 @@ import redis
 
 from . import metrics
 from .errors import EchoqError, Interrupted, LeaseLost, PermanentError, Stopping
+from .fencing import until_redis_answers
 from .logs import step
 from .readahead import ReadAhead
 from .store import MoveCall, Moved, Store
@@ -76,7 +77,7 @@ class Sender(Protocol):
     def take_reader(self, entry: dict[str, Any]) -> ReadAhead: ...
     def prepare_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool) -> PreparedChunk: ...
     def commit_paced_chunk(self, entry: dict[str, Any], prepared: PreparedChunk, moved: Moved) -> None: ...
-    def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool, *, first: bool) -> None: ...
+    def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool) -> None: ...
     def finish_sent(self, entry: dict[str, Any], sent: int, t0: float, *, paced: str | None = None) -> None: ...
     def mark_interrupted(self, entry: dict[str, Any]) -> None: ...
     def fail(self, entry: dict[str, Any], exc: PermanentError, *, cut: bool) -> None: ...
@@ -161,7 +162,7 @@ class Playout:
         when it was the last chunk."""
         assert self.pending is not None
         pcm, last = self.pending
-        self.sender.send_paced_chunk(self.entry, self.index, pcm, last, first=False)
+        self.sender.send_paced_chunk(self.entry, self.index, pcm, last)
         return self._sent()
 
     def _sent(self) -> bool:
@@ -282,21 +283,15 @@ class PacingLoop:
         same send ids while Redis does not answer (a lost reply writes nothing twice)."""
         store = ready[0][0].sender.store
         calls = [prepared.call for _, _, prepared in ready]
-        attempt = 0
-        while True:
-            try:
-                answers = store.move_many(calls)
-                break
-            except redis.RedisError as exc:
-                attempt += 1
-                if self._stopped or all(p.sender.stopping() for p, _, _ in ready):
-                    for playout, _, _ in ready:
-                        self._leave(playout, exc)
-                    return
-                if attempt == 1 or attempt % 20 == 0:
-                    step(log, "redis.retry", logging.WARNING, what="paced chunks", attempt=attempt,
-                         chunks=len(calls), reason=type(exc).__name__)
-                time.sleep(min(1.0, 0.02 * 2**min(attempt, 6)))
+        try:
+            answers = until_redis_answers(
+                lambda: store.move_many(calls), what="paced chunks", conversation=f"{len(calls)} rooms",
+                wake=threading.Event(), give_up=lambda: self._stopped or all(p.sender.stopping() for p, _, _ in ready),
+                max_delay_s=1.0)
+        except redis.RedisError as exc:  # stopping while Redis is away: each room's next owner resumes
+            for playout, _, _ in ready:
+                self._leave(playout, exc)
+            return
         for (playout, version, prepared), moved in zip(ready, answers, strict=True):
             try:
                 last = playout.committed(prepared, moved)

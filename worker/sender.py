@@ -374,8 +374,7 @@ class Sender:
         self.pacer.start_utterance()
 
         def put(pcm: bytes, last: bool) -> None:
-            message = echo.audio_echo(self.wire_id, pcm, rate, entry["inference_id"], last,
-                                      max_bytes=self.settings.max_message_bytes)
+            message = self._audio_message(entry, pcm, last)
             self._wait_until(self.pacer.audio_due(len(pcm) / (2 * rate)))
             self._send(message, kind="audio", entry=entry)
 
@@ -428,16 +427,24 @@ class Sender:
         if reader is not None:
             reader.close()
 
-    def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool, *, first: bool) -> None:
-        """Send chunk ``index`` of an audio utterance now, for the pacing loop: the steps of
-        :meth:`_deliver` for one piece, with every wait replaced by :class:`NeedsThread`."""
-        if first and not self.folds:
-            self._check_interrupt()
+    def _audio_message(self, entry: dict[str, Any], pcm: bytes, last: bool) -> dict[str, Any]:
+        return echo.audio_echo(self.wire_id, pcm, int(entry["sample_rate"]), entry["inference_id"], last,
+                               max_bytes=self.settings.max_message_bytes)
+
+    @staticmethod
+    def _piece_move(entry: dict[str, Any], index: int, last: bool, every: int) -> _Move:
+        """The cursor move that records piece ``index`` of ``entry`` as in the room, with the
+        record's count (for people; the cursor is the truth) every ``every`` pieces."""
         uid, seq = entry["utterance_id"], int(entry["seq"])
-        count = index + 1 if index % _RECORD_EVERY == 0 else None
-        move = _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
-        message = echo.audio_echo(self.wire_id, pcm, int(entry["sample_rate"]), entry["inference_id"], last,
-                                  max_bytes=self.settings.max_message_bytes)
+        count = index + 1 if index % every == 0 else None
+        return _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
+
+    def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool) -> None:
+        """Send chunk ``index`` of an audio utterance now, for the pacing loop (a room that does
+        not fold): the steps of :meth:`_deliver` for one piece, with every wait replaced by
+        :class:`NeedsThread`. The loop looked at interrupts before the utterance's first chunk."""
+        move = self._piece_move(entry, index, last, _RECORD_EVERY)
+        message = self._audio_message(entry, pcm, last)
         self.no_wait = True
         try:
             self._send_moving(lambda: self._send(message, kind="audio", entry=entry), move)
@@ -449,8 +456,7 @@ class Sender:
         move itself, which the pacing loop makes for many rooms in one round trip
         (:meth:`Store.move_many`) and hands back to :meth:`commit_paced_chunk`. The steps of
         :meth:`_send`'s first attempt; what it would retry after a wait raises NeedsThread."""
-        message = echo.audio_echo(self.wire_id, pcm, int(entry["sample_rate"]), entry["inference_id"], last,
-                                  max_bytes=self.settings.max_message_bytes)
+        message = self._audio_message(entry, pcm, last)
         if not self.transport.connected:
             raise NeedsThread(f"the room of {self.cid} is to be rejoined")
         self._fenced()
@@ -461,11 +467,9 @@ class Sender:
         except RetryableError as exc:
             metrics.send_retry(type(exc).__name__)
             raise NeedsThread(f"{type(exc).__name__}: {exc}") from exc
-        uid, seq = entry["utterance_id"], int(entry["seq"])
-        count = index + 1 if index % _RECORD_EVERY == 0 else None
-        chunk = 0 if last else index + 1
-        call = MoveCall(self.cid, self.token, seq if last else seq - 1, chunk, None, self.epoch,
-                        self.settings.lease_ttl_s, uid, count, append, self.gen)
+        move = self._piece_move(entry, index, last, _RECORD_EVERY)
+        call = MoveCall(self.cid, self.token, move.seq, move.chunk, None, self.epoch, self.settings.lease_ttl_s,
+                        move.utterance_id, move.chunks_sent, append, self.gen)
         return PreparedChunk(call, time.monotonic())
 
     def commit_paced_chunk(self, entry: dict[str, Any], prepared: PreparedChunk, moved: Moved) -> None:
@@ -502,7 +506,7 @@ class Sender:
         count is written (the cursor itself moves every time). ``marked``: ``pieces`` are already
         ``(pcm, last)`` pairs (a stream knows its last piece only when it ends; a lookahead
         would hold every piece back until the next one came)."""
-        uid, seq = entry["utterance_id"], int(entry["seq"])
+        uid = entry["utterance_id"]
         index = -1
         items: Iterable[tuple[bytes, bool]] = pieces if marked else chunks.mark_last(pieces)
         for index, (pcm, last) in enumerate(items):
@@ -512,10 +516,7 @@ class Sender:
                 self._check_interrupt()
             if self.stopping():  # the cursor is at this piece: the next owner starts here
                 raise Stopping()
-            # the record's count (for people; the cursor is the truth) rides on the cursor move
-            count = index + 1 if index % every == 0 else None
-            move = _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
-            self._send_moving(functools.partial(put, pcm, last), move)
+            self._send_moving(functools.partial(put, pcm, last), self._piece_move(entry, index, last, every))
             if progress is not None:
                 progress(uid, index + 1, total if not last else index + 1)
         if index < 0:
