@@ -34,8 +34,8 @@ BENCH_URL = os.environ.get("ECHOQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 os.environ["ECHOQ_REDIS_URL"] = BENCH_URL
 
 from producer.client import EchoqClient  # noqa: E402
-from simulator.mic import MicTrack  # noqa: E402
 from worker import keys  # noqa: E402
+from worker.simulator.mic import MicTrack  # noqa: E402
 
 RATE = 24000
 

@@ -64,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulator import replica as simulator
+    from worker.simulator import replica as simulator
 
     return int(simulator.run_cli(args))
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "simulate", cmd_simulate, "run the replica simulator for loopback:// rooms", json_flag=False)
     try:
-        from simulator import replica as simulator
+        from worker.simulator import replica as simulator
 
         simulator.add_arguments(p)
     except ImportError:

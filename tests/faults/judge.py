@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from simulator.files import write_wav
 from worker import audio, chunks, keys
 from worker.settings import get_settings
+from worker.simulator.files import write_wav
 
 
 @dataclass

@@ -130,7 +130,7 @@ def workers(redis_client: redis.Redis, tmp_path: Path) -> Iterator[Workers]:
 def running_simulator(redis_client: redis.Redis, out: Path, speed: float = 50.0, url: str = TEST_REDIS_URL
                       ) -> Iterator[Any]:
     """The replica simulator in a thread, present in the room until the block ends."""
-    from simulator import Simulator
+    from worker.simulator import Simulator
 
     sim = Simulator(redis.Redis.from_url(url), out, speed=speed)
     stop = threading.Event()

@@ -24,11 +24,11 @@ import requests
 from celery.result import AsyncResult
 from prometheus_client.parser import text_string_to_metric_families
 
-from simulator import Simulator
 from tests.integration.conftest import Workers, running_simulator, wait_for, wire
 from tests.integration.test_flower_browser import Flower, free_port, run_flower
 from worker.celery_app import app as celery_app
 from worker.logs import JsonFormatter
+from worker.simulator import Simulator
 from worker.store import Store
 
 pytestmark = pytest.mark.redis

@@ -16,10 +16,10 @@ from typing import Any, TypeVar, cast
 import pytest
 import redis
 
-from simulator.replica import Simulator, add_arguments, run_cli, violations_key
-from simulator.room import text_seconds
 from tests.integration import conftest as integration
 from worker import echo, keys
+from worker.simulator.replica import Simulator, add_arguments, run_cli, violations_key
+from worker.simulator.room import text_seconds
 
 pytestmark = pytest.mark.redis
 
@@ -326,7 +326,7 @@ def test_cli_process_stops_cleanly_on_sigterm(redis_client: redis.Redis, redis_u
     out = tmp_path / "cli-out"
     env = {**os.environ, "ECHOQ_REDIS_URL": redis_url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--out", str(out), "--speed", "50"],
+        [sys.executable, "-m", "worker.simulator", "--out", str(out), "--speed", "50"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -1,5 +1,6 @@
-"""The layout DESIGN.md and the README describe: one package per concern, no import circles,
-and ``worker`` never reaching into the producer side or the simulator."""
+"""The layout DESIGN.md and the README describe: two packages, ``worker`` and ``producer``, one
+subpackage per concern, no import circles, and the worker's own code never reaching into the
+producer side or into the replica simulator that lives beside it (``worker.simulator``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("worker", "producer", "simulator")
+PACKAGES = ("worker", "producer")
 
 
 def _module_name(path: Path) -> str:
@@ -93,15 +94,24 @@ def test_the_graph_check_finds_a_planted_circle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+def _simulator(name: str) -> bool:
+    return name == "worker.simulator" or name.startswith("worker.simulator.")
+
+
 def test_worker_imports_neither_producer_nor_simulator() -> None:
     graph = _graph()
-    bad = {n: sorted(d for d in deps if d.split(".")[0] in ("producer", "simulator"))
-           for n, deps in graph.items() if n.split(".")[0] == "worker"}
+    bad = {n: sorted(d for d in deps if d.split(".")[0] == "producer" or _simulator(d))
+           for n, deps in graph.items() if n.split(".")[0] == "worker" and not _simulator(n)}
     assert {n: d for n, d in bad.items() if d} == {}
 
 
+def test_only_the_two_packages_stand_at_the_top() -> None:
+    tops = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert tops == ["producer", "tests", "worker"]
+
+
 def test_each_concern_is_a_package() -> None:
-    for pkg in ("producer.cli", "producer.api", "producer.scripting", "simulator", "worker.transports"):
+    for pkg in ("producer.cli", "producer.api", "producer.scripting", "worker.simulator", "worker.transports"):
         assert (ROOT / pkg.replace(".", "/") / "__init__.py").is_file(), pkg
     # no prefix-named modules left where a package now stands
     leftovers = [p.name for p in (ROOT / "producer").glob("*.py")
@@ -113,5 +123,5 @@ def test_each_concern_is_a_package() -> None:
 def test_modules_import() -> None:
     import importlib
 
-    for name in ("producer.cli", "producer.api", "producer.scripting.tasks", "simulator", "worker.tasks"):
+    for name in ("producer.cli", "producer.api", "producer.scripting.tasks", "worker.simulator", "worker.tasks"):
         importlib.import_module(name)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from simulator.files import safe_name, write_wav
-from simulator.mic import MicTrack
-from simulator.room import Room, text_seconds
 from worker import echo
+from worker.simulator.files import safe_name, write_wav
+from worker.simulator.mic import MicTrack
+from worker.simulator.room import Room, text_seconds
 
 CONV = "c1"
 

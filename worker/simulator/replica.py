@@ -397,8 +397,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m simulator``: the same options as ``echoq simulate``."""
-    parser = argparse.ArgumentParser(prog="python -m simulator", description="Tavus replica simulator for loopback rooms")
+    """``python -m worker.simulator``: the same options as ``echoq simulate``."""
+    parser = argparse.ArgumentParser(prog="python -m worker.simulator", description="Tavus replica simulator for loopback rooms")
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 

@@ -1,7 +1,0 @@
-"""``python -m simulator``: the same as ``echoq simulate``."""
-
-import sys
-
-from .replica import main
-
-sys.exit(main())

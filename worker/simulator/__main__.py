@@ -1,0 +1,7 @@
+"""``python -m worker.simulator``: the same as ``echoq simulate``."""
+
+import sys
+
+from .replica import main
+
+sys.exit(main())
