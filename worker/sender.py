@@ -160,6 +160,7 @@ class Sender:
         self.no_wait = False
         self._prefetched: ReadAhead | None = None  # its audio, decoding while this one plays
         self._prefetch_lock = threading.Lock()
+        self._took_over = False  # the first drain looks for what the owner before left unrecorded
         self._on_thread: str | None = None  # an utterance the loop gave back: this thread sends it
 
     # the loop ------------------------------------------------------------------------------
@@ -179,6 +180,9 @@ class Sender:
 
     def _drain(self, progress: Progress | None) -> int:
         handled = 0
+        if not self._took_over:
+            self._took_over = True
+            self._record_orphan()
         while not self.stopping():
             cur = self.store.cursor(self.cid)
             gen, upto = self.store.interrupt_state(self.cid)
@@ -201,6 +205,22 @@ class Sender:
                     return handled
                 handled += 1
         return handled
+
+    def _record_orphan(self) -> None:
+        """A new owner's first look: the entry the cursor has just passed had its last message in
+        the room, but the owner before died before recording it (the message and the cursor move
+        are one round trip, the record the next): record it sent now, or it says ``sending``
+        forever. Its ``chunks_sent`` is exact, since the last piece's move writes it."""
+        cur = self.store.cursor(self.cid)
+        if cur.chunk or cur.seq <= 0:  # mid-entry: the entry resumes and records itself
+            return
+        for entry in self.store.entries_after(self.cid, cur.seq - 1, count=1):
+            rec = self.store.utterance(entry["utterance_id"]) or {}
+            if entry["seq"] == cur.seq and rec.get("state") == "sending":
+                sent = 1 if entry["kind"] == "text" else int(rec.get("chunks_sent") or 0)
+                step(log, "utterance.recovered", conversation=self.cid, utterance=entry["utterance_id"],
+                     seq=cur.seq, messages=sent)
+                self.finish_sent(entry, sent, time.monotonic())
 
     def _finish_interrupt(self, gen: int, upto: int, done_seq: int) -> None:
         """Send ``conversation.interrupt`` and move the cursor past everything it covers."""
@@ -322,14 +342,16 @@ class Sender:
         if cut:
             self._announce_interrupt()
             error = f"{error} (cut mid-utterance: conversation.interrupt sent)"
-        self._advance(seq, 0)
 
         def record() -> None:
             self.store.update_utterance(uid, state="failed", error=error, finished_at=f"{time.time():.6f}")
             self.store.add_event(self.cid, {"type": "utterance.failed", "utterance_id": uid, "seq": seq, "error": error,
                                             "interrupt_sent": cut})
 
+        # recorded before the cursor passes it: an owner dying in between leaves a final record
+        # that the next owner skips, never a "sending" one behind the cursor
         self._record(record, "failed utterance")
+        self._advance(seq, 0)
         metrics.utterance_finished("failed")
         step(log, "utterance.failed", logging.WARNING, conversation=self.cid, utterance=uid, seq=seq, reason=str(exc),
              interrupt_sent=cut)
@@ -436,7 +458,7 @@ class Sender:
         """The cursor move that records piece ``index`` of ``entry`` as in the room, with the
         record's count (for people; the cursor is the truth) every ``every`` pieces."""
         uid, seq = entry["utterance_id"], int(entry["seq"])
-        count = index + 1 if index % every == 0 else None
+        count = index + 1 if index % every == 0 or last else None  # the last: exact once the cursor is past
         return _Move(seq, 0, uid, count) if last else _Move(seq - 1, index + 1, uid, count)
 
     def send_paced_chunk(self, entry: dict[str, Any], index: int, pcm: bytes, last: bool) -> None:

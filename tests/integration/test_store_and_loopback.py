@@ -317,3 +317,46 @@ def test_many_leases_are_renewed_in_one_call_each_only_for_its_holder(redis_clie
     assert store.renew_leases([("a", "me", None), ("b", "me", None), ("c", "me", epoch)], 7) == [True, False, True]
     assert [store.lease_owner(c) for c in ("a", "b", "c")] == ["me", "you", "me"]
     assert 5000 < redis_client.pttl(keys.lease("a")) <= 7000
+
+
+def test_an_owner_dying_between_an_utterances_last_message_and_its_record_leaves_it_recorded_by_the_next(
+        redis_client: redis.Redis) -> None:
+    """The last message and the cursor move are one round trip, the record the next: the next
+    owner records what the cursor has passed, with the exact count, and sends nothing twice."""
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://orphan")
+    pcm = (bytes(range(256)) * 100)[:13 * 1920]  # 13 chunks
+    entry = {"utterance_id": "a1", "kind": "audio", "inference_id": "a1", "sample_rate": 24000, "format": "s16le",
+             "source_rate": 24000, "channels": 1}
+    store.enqueue("c", entry, {"id": "a1", "kind": "audio", "inference_id": "a1"}, blob=pcm)
+    store.enqueue("c", *_entry("t1"))
+    room = LoopbackTransport("loopback://orphan?replica=0", redis_client=redis_client)
+    room.join(1)
+
+    class Died(Exception):
+        pass
+
+    def dies(*_args: Any, **_kwargs: Any) -> str:
+        raise Died()
+
+    assert store.take_lease("c", "first", 5)
+    first = Sender("c", store=store, transport=room, settings=Settings(), token="first", wake=threading.Event(),
+                   stopping=lambda: False)
+    first.store = Store(redis_client)
+    first.store.mark_sent = dies  # type: ignore[method-assign]
+    with pytest.raises(Died):
+        first.drain()
+    assert store.utterance("a1")["state"] == "sending" and store.cursor("c").seq == 1  # in the room, not recorded
+    store.release_lease("c", "first")
+
+    assert store.take_lease("c", "second", 5)
+    second = Sender("c", store=store, transport=room, settings=Settings(), token="second", wake=threading.Event(),
+                    stopping=lambda: False)
+    assert second.drain() == 1  # t1
+    a1 = store.utterance("a1")
+    assert (a1["state"], a1["chunks_total"]) == ("sent", "13")
+    assert store.utterance("t1")["state"] == "sent"
+    messages = wire(redis_client, "orphan")
+    assert [m["properties"]["inference_id"] for m in messages] == ["a1"] * 13 + ["t1"]  # nothing twice
+    sent_events = [e for _id, e in store.events("c") if e["type"] == "utterance.sent"]
+    assert [e["utterance_id"] for e in sent_events] == ["a1", "t1"]
