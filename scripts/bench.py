@@ -215,6 +215,7 @@ class Bench:
 
 
 def tone(path: Path, seconds: float, rate: int = 24000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(seconds * rate)) / rate
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -615,6 +616,7 @@ def bench_interrupt(args: argparse.Namespace) -> None:
 
 def mp3_tone(path: Path, seconds: float) -> Path:
     """A 440 Hz tone as a 44.1 kHz mono 128 kb/s MP3, made once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
                         f"sine=frequency=440:duration={seconds:g}:sample_rate=44100", "-ac", "1", "-c:a", "libmp3lame",

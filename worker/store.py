@@ -164,6 +164,59 @@ if ARGV[8] ~= '' then redis.call('HSET', KEYS[4], 'chunks_sent', ARGV[8]) end
 return {1, current, 1}
 """
 
+# A run of text utterances in one round trip, all or none: the lease (checked, renewed), the
+# interrupt generation, each message into the room stream, each record's claim and end with its
+# two events, and the cursor past the run. An utterance cancelled (or ended) meanwhile is passed
+# over, as a claim that fails is. A retry after a lost reply finds its messages in the room and
+# writes nothing.
+# KEYS: lease, conversation, cursor, room stream, events, then per item: utterance
+# ARGV: token, epoch-or-"", ttl-ms, refuse-above-gen, origin, now, n,
+#       then per item: seq, data, send id, "sending" event json, "sent" event json
+# Returns {0, 0, 0} when the lease is lost (nothing written); {1, gen, 0} when an interrupt newer
+# than ARGV[4] came (nothing written); else {1, gen, 1, state1, ...}: each item's state after
+# (sent, or the replica's outcome when it came first), "" for one passed over.
+_SEND_TEXTS = _LEASE_HELD + """
+if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0, 0} end
+local current = tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')
+local n = tonumber(ARGV[7])
+local seen = {}
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', n + 8)) do
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'send_id' then seen[f[i + 1]] = true end
+  end
+end
+local out = {1, current, 1}
+for i = 1, n do
+  if seen[ARGV[7 + 5 * (i - 1) + 3]] then
+    -- written by this call before its reply was lost: report it, write nothing again
+    for j = 1, n do
+      local sent = seen[ARGV[7 + 5 * (j - 1) + 3]]
+      out[3 + j] = sent and (redis.call('HGET', KEYS[5 + j], 'state') or '') or ''
+    end
+    return out
+  end
+end
+if current > tonumber(ARGV[4]) then return {1, current, 0} end
+for i = 1, n do
+  local a, ukey = 7 + 5 * (i - 1), KEYS[5 + i]
+  local state = redis.call('HGET', ukey, 'state')
+  if state == 'queued' or state == 'sending' then
+    redis.call('XADD', KEYS[4], '*', 'data', ARGV[a + 2], 'origin', ARGV[5], 'send_id', ARGV[a + 3])
+    if state == 'queued' then redis.call('HSET', ukey, 'started_at', ARGV[6]) end
+    local final = redis.call('HGET', ukey, 'replica_outcome') or 'sent'
+    redis.call('HSET', ukey, 'state', final, 'sent_at', ARGV[6], 'chunks_sent', 1, 'chunks_total', 1)
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'data', ARGV[a + 4])
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'data', ARGV[a + 5])
+    out[3 + i] = final
+  else
+    out[3 + i] = ''
+  end
+end
+redis.call('HSET', KEYS[3], 'seq', ARGV[7 + 5 * (n - 1) + 1], 'chunk', 0)
+return out
+"""
+
 # KEYS: utterance ; ARGV: now — queued (or a resumed sending) -> sending; 0 when cancelled meanwhile
 _START = """
 local s = redis.call('HGET', KEYS[1], 'state')
@@ -293,6 +346,29 @@ class Moved:
 
 
 @dataclass(frozen=True)
+class TextSend:
+    """One text utterance of :meth:`Store.send_texts`: its log position, record, room message and
+    the two events (``utterance.sending``, ``utterance.sent``) its record gets."""
+
+    seq: int
+    utterance_id: str
+    append: RoomAppend
+    sending_event: dict[str, Any]
+    sent_event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TextsSent:
+    """:meth:`Store.send_texts`'s answer: as :class:`Moved`, and each item's state after (None:
+    passed over, cancelled or ended while it waited)."""
+
+    held: bool
+    gen: int
+    done: bool
+    states: list[str | None]
+
+
+@dataclass(frozen=True)
 class Cursor:
     seq: int
     chunk: int
@@ -315,6 +391,7 @@ class Store:
         self._mark_spoken = client.register_script(_MARK_SPOKEN)
         self._release = client.register_script(_RELEASE)
         self._cut_playing = client.register_script(_CUT_PLAYING)
+        self._send_texts = client.register_script(_SEND_TEXTS)
 
     # conversations -------------------------------------------------------------------------
 
@@ -485,6 +562,29 @@ class Store:
         else:
             raise redis.exceptions.NoScriptError("the cursor script could not be loaded")
         return [Moved(bool(held), int(current), bool(done)) for held, current, done in answers]
+
+    def send_texts(self, conversation_id: str, token: str, items: list[TextSend], *, refuse_above: int,
+                   epoch: int | None = None, ttl_s: float) -> TextsSent:
+        """Text utterances written into their room (a Redis stream) in one round trip, with
+        everything that records them: see ``_SEND_TEXTS``. Nothing is written when the lease is
+        lost or an interrupt newer than ``refuse_above`` came; a retry after a lost reply writes
+        nothing twice."""
+        if not items:
+            raise ValueError("send_texts needs at least one item")
+        now = time.time()
+        item_keys = [keys.utterance(i.utterance_id) for i in items]
+        args: list[Any] = [token, _arg(epoch), _ms(ttl_s), refuse_above, items[0].append.origin, f"{now:.6f}",
+                           len(items)]
+        for i in items:
+            if i.append.stream != items[0].append.stream:
+                raise ValueError("send_texts writes into one room")
+            args += [i.seq, i.append.data, i.append.send_id, json.dumps({"ts": round(now, 6), **i.sending_event}),
+                     json.dumps({"ts": round(now, 6), **i.sent_event})]
+        reply = self._send_texts(keys=[keys.lease(conversation_id), keys.conversation(conversation_id),
+                                       keys.conv_cursor(conversation_id), items[0].append.stream,
+                                       keys.conv_events(conversation_id), *item_keys], args=args)
+        states = [text(v) or None for v in reply[3:]]
+        return TextsSent(bool(reply[0]), int(reply[1]), bool(reply[2]), states)
 
     def interrupt_state(self, conversation_id: str) -> tuple[int, int]:
         """``(generation, upto)``: how many interrupts, and the last seq the newest one covers."""

@@ -360,3 +360,84 @@ def test_an_owner_dying_between_an_utterances_last_message_and_its_record_leaves
     assert [m["properties"]["inference_id"] for m in messages] == ["a1"] * 13 + ["t1"]  # nothing twice
     sent_events = [e for _id, e in store.events("c") if e["type"] == "utterance.sent"]
     assert [e["utterance_id"] for e in sent_events] == ["a1", "t1"]
+
+
+def test_a_run_of_texts_goes_in_one_call_only_for_the_holder_and_not_after_an_interrupt(
+        redis_client: redis.Redis) -> None:
+    from worker.store import TextSend
+
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://texts")
+    for uid in ("t1", "t2", "t3"):
+        store.enqueue("c", *_entry(uid))
+    store.update_utterance("t2", state="cancelled")  # cancelled while it waited: passed over
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport("loopback://texts?replica=0", redis_client=redis_client)
+    room.join(1)
+    messages = {uid: echo.text_echo("c", f"line {uid}", uid, max_bytes=10_000) for uid in ("t1", "t2", "t3")}
+
+    def items(*uids: str) -> list[TextSend]:
+        return [TextSend(int(uid[1]), uid, room.prepare_append(messages[uid]), {"type": "utterance.sending"},
+                         {"type": "utterance.sent"}) for uid in uids]
+
+    run = items("t1", "t2", "t3")
+    assert not store.send_texts("c", "you", run, refuse_above=0, ttl_s=5).held  # not the holder
+    assert wire(redis_client, "texts") == [] and store.cursor("c").seq == 0
+    sent = store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)
+    assert (sent.held, sent.done, sent.states) == (True, True, ["sent", None, "sent"])
+    again = store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)  # a retry after a lost reply
+    assert (again.done, again.states) == (True, ["sent", None, "sent"])
+    assert wire(redis_client, "texts") == [messages["t1"], messages["t3"]]  # once each, in order
+    assert store.cursor("c").seq == 3 and store.cursor("c").chunk == 0
+    assert [store.utterance(u)["state"] for u in ("t1", "t2", "t3")] == ["sent", "cancelled", "sent"]
+    assert store.utterance("t3")["chunks_sent"] == "1" and store.utterance("t3")["started_at"]
+    types = [e["type"] for _id, e in store.events("c")]
+    assert types == ["utterance.sending", "utterance.sent"] * 2
+
+    store.enqueue("c", *_entry("t4"))
+    messages["t4"] = echo.text_echo("c", "line t4", "t4", max_bytes=10_000)
+    gen, _cancelled = store.interrupt("c")
+    store.update_utterance("t4", state="queued")  # as if enqueued after the interrupt
+    later = items("t4")
+    refused = store.send_texts("c", "me", later, refuse_above=gen - 1, ttl_s=5)
+    assert (refused.held, refused.done, refused.gen) == (True, False, gen)  # the interrupt goes first
+    assert len(wire(redis_client, "texts")) == 2 and store.cursor("c").seq == 3
+    assert store.send_texts("c", "me", later, refuse_above=gen, ttl_s=5).states == ["sent"]
+    assert wire(redis_client, "texts")[-1] == messages["t4"]
+
+
+def test_a_sender_puts_a_run_of_texts_in_one_call_each_once_in_order_even_when_replies_are_lost(
+        redis_client: redis.Redis) -> None:
+    """Back-to-back texts go in one round trip; a text too long for a message fails on its own
+    between two runs; a lost reply is retried without a second copy in the room."""
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://runs")
+    uids = [f"r{i}" for i in range(40)]
+    for uid in uids:
+        entry, record = _entry(uid)
+        if uid == "r20":
+            entry["text"] = "x" * 20_000  # over one message
+        store.enqueue("c", entry, record)
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport("loopback://runs?replica=0", redis_client=redis_client)
+    room.join(1)
+    sender = Sender("c", store=store, transport=room, settings=Settings(), token="me", wake=threading.Event(),
+                    stopping=lambda: False)
+    real, calls = store._send_texts, [0]
+
+    def every_second_reply_lost(**kwargs: Any) -> Any:
+        reply = real(**kwargs)
+        calls[0] += 1
+        if calls[0] % 2 == 1:
+            raise redis.TimeoutError("Timeout reading from socket")
+        return reply
+
+    store._send_texts = every_second_reply_lost  # type: ignore[assignment]
+    assert sender.drain() == 40
+    on_wire = [m["properties"]["inference_id"] for m in wire(redis_client, "runs")]
+    assert on_wire == [u for u in uids if u != "r20"]
+    # 39 texts in runs of at most 16 around the long one: 16 + 4, then 16 + 3, each call made twice
+    assert calls[0] == 8
+    assert store.utterance("r20")["state"] == "failed" and "too long" in store.utterance("r20")["error"]
+    assert all(store.utterance(u)["state"] == "sent" for u in uids if u != "r20")
+    assert store.cursor("c").seq == 40
