@@ -147,13 +147,15 @@ end
 #       chunks_sent-or-"", data-or-"", origin, send id
 # Returns {held, interrupt_gen, moved}: {0, 0, 0} when the lease is lost (nothing written);
 # {1, gen, 0} when an interrupt newer than ARGV[7] came (nothing written: the message is not
-# sent); else {1, gen, 1}. A retried call whose message is in the room already moves the cursor
-# again (the same position) and appends nothing.
+# sent); else {1, gen, 1}. A retried call whose message is in the room already appends nothing
+# and leaves the cursor alone.
 _ADVANCE = _LEASE_HELD + SENT_BEFORE + """
 if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0, 0} end
 local current = tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')
 local data = ARGV[9]
-if data ~= '' and sent_before(KEYS[5], ARGV[11]) then data = '' end
+-- a retry after a lost reply: the first call wrote the message and moved the cursor with it, and
+-- later moves may have passed that since (a batch retried whole): the cursor is left where it is
+if data ~= '' and sent_before(KEYS[5], ARGV[11]) then return {1, current, 1} end
 if data ~= '' and ARGV[7] ~= '' and current > tonumber(ARGV[7]) then return {1, current, 0} end
 if data ~= '' then
   redis.call('XADD', KEYS[5], '*', 'data', data, 'origin', ARGV[10], 'send_id', ARGV[11])

@@ -270,8 +270,12 @@ def test_moves_of_many_conversations_in_one_call_each_answer_for_itself_even_aft
     assert store.utterance("u-m1")["chunks_sent"] == "1"
 
 
+@pytest.mark.parametrize("pacing", ["realtime", "burst"])
 def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_once_in_order(
-        redis_client: redis.Redis) -> None:
+        redis_client: redis.Redis, pacing: str) -> None:
+    """Real-time pacing moves the cursor a chunk at a time; burst pacing up to 8 chunks in one
+    round trip (each chunk's write atomic with its own move). Every third (burst: second) reply
+    is lost."""
     store = Store(redis_client)
     store.open_conversation("c", "loopback://lost")
     pcm = (bytes(range(256)) * 100)[:13 * 1920]  # 13 chunks of 40 ms of 24 kHz s16le
@@ -282,19 +286,21 @@ def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_
     assert store.take_lease("c", "me", 5)
     room = LoopbackTransport("loopback://lost?replica=0", redis_client=redis_client)
     room.join(1)
-    sender = Sender("c", store=store, transport=room, settings=Settings(), token="me", wake=threading.Event(),
+    settings = Settings(pacing=pacing, pacing_loop=False, chunk_ms=40)
+    sender = Sender("c", store=store, transport=room, settings=settings, token="me", wake=threading.Event(),
                     stopping=lambda: False)
     assert sender.folds
-    real, calls = store._advance, [0]
+    name = "_advance" if pacing == "realtime" else "move_many"
+    real, calls, every = getattr(store, name), [0], 3 if pacing == "realtime" else 2
 
-    def every_third_reply_lost(**kwargs: Any) -> Any:
-        reply = real(**kwargs)  # Redis ran it ...
+    def every_third_reply_lost(*args: Any, **kwargs: Any) -> Any:
+        reply = real(*args, **kwargs)  # Redis ran it ...
         calls[0] += 1
-        if calls[0] % 3 == 0:
+        if calls[0] % every == 0:
             raise redis.TimeoutError("Timeout reading from socket")  # ... but the answer never came
         return reply
 
-    store._advance = every_third_reply_lost  # type: ignore[assignment]
+    setattr(store, name, every_third_reply_lost)
     assert sender.drain() == 2
     messages = wire(redis_client, "lost")
     audio_msgs = [m for m in messages if m["properties"].get("inference_id") == "a1"]
@@ -302,7 +308,10 @@ def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_
     joined = b"".join(base64.b64decode(m["properties"]["audio"]) for m in audio_msgs)
     assert joined == pcm  # every chunk once, in order
     assert [m["properties"]["inference_id"] for m in messages] == ["a1"] * 13 + ["t1"]
-    assert store.cursor("c").seq == 2 and calls[0] >= 14
+    # one call a chunk (and every third one again), or batches of 8 + 5 (the second one again);
+    # the text goes on its own way (one script a run of texts)
+    assert calls[0] >= 14 if pacing == "realtime" else calls[0] == 3
+    assert store.cursor("c").seq == 2
     assert store.utterance("a1")["state"] == "sent" and store.utterance("t1")["state"] == "sent"
 
 
@@ -441,3 +450,23 @@ def test_a_sender_puts_a_run_of_texts_in_one_call_each_once_in_order_even_when_r
     assert store.utterance("r20")["state"] == "failed" and "too long" in store.utterance("r20")["error"]
     assert all(store.utterance(u)["state"] == "sent" for u in uids if u != "r20")
     assert store.cursor("c").seq == 40
+
+
+def test_a_retried_chunk_already_in_the_room_never_moves_the_cursor_back(redis_client: redis.Redis) -> None:
+    """A batch of chunks retried whole after a lost reply, cut again part-way: the chunks found in
+    the room leave the cursor where the later ones put it, so a next owner repeats nothing."""
+    from worker.store import MoveCall
+
+    store = Store(redis_client)
+    store.open_conversation("c", "loopback://back")
+    store.enqueue("c", *_entry("u1"))
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport("loopback://back?replica=0", redis_client=redis_client)
+    room.join(1)
+    messages = [echo.interrupt(f"m{i}") for i in range(3)]
+    calls = [MoveCall("c", "me", 0, i + 1, append=room.prepare_append(m), refuse_above=0)
+             for i, m in enumerate(messages)]
+    assert all(m.done for m in store.move_many(calls))
+    assert store.cursor("c").chunk == 3
+    assert store.move_many(calls[:1])[0].done  # the retry got as far as the first one
+    assert store.cursor("c").chunk == 3 and wire(redis_client, "back") == messages
