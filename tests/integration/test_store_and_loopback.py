@@ -33,6 +33,19 @@ def _entry(uid: str, inf: str | None = None) -> tuple[dict[str, Any], dict[str, 
             {"id": uid, "kind": "text", "inference_id": inf or uid})
 
 
+def _held_room(redis_client: redis.Redis, name: str, *uids: str) -> tuple[Store, LoopbackTransport]:
+    """Conversation "c" in loopback room ``name`` (no replica), with ``uids`` queued and its lease
+    held by "me"."""
+    store = Store(redis_client)
+    store.open_conversation("c", f"loopback://{name}")
+    for uid in uids:
+        store.enqueue("c", *_entry(uid))
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport(f"loopback://{name}?replica=0", redis_client=redis_client)
+    room.join(1)
+    return store, room
+
+
 def test_enqueue_assigns_increasing_seqs_and_is_idempotent_on_the_utterance_id(redis_client: redis.Redis) -> None:
     store = Store(redis_client)
     store.open_conversation("c", "loopback://r")
@@ -214,12 +227,7 @@ def test_a_replica_that_finishes_before_the_sender_records_still_leaves_the_utte
 
 def test_a_send_folded_into_its_cursor_move_goes_in_once_only_for_the_holder_and_not_after_an_interrupt(
         redis_client: redis.Redis) -> None:
-    store = Store(redis_client)
-    store.open_conversation("c", "loopback://fold")
-    store.enqueue("c", *_entry("u1"))
-    assert store.take_lease("c", "me", 5)
-    room = LoopbackTransport("loopback://fold?replica=0", redis_client=redis_client)
-    room.join(1)
+    store, room = _held_room(redis_client, "fold", "u1")
     assert room.room_in(redis_client)
     first, second = echo.interrupt("c"), echo.interrupt("c")
 
@@ -375,14 +383,8 @@ def test_a_run_of_texts_goes_in_one_call_only_for_the_holder_and_not_after_an_in
         redis_client: redis.Redis) -> None:
     from worker.store import TextSend
 
-    store = Store(redis_client)
-    store.open_conversation("c", "loopback://texts")
-    for uid in ("t1", "t2", "t3"):
-        store.enqueue("c", *_entry(uid))
+    store, room = _held_room(redis_client, "texts", "t1", "t2", "t3")
     store.update_utterance("t2", state="cancelled")  # cancelled while it waited: passed over
-    assert store.take_lease("c", "me", 5)
-    room = LoopbackTransport("loopback://texts?replica=0", redis_client=redis_client)
-    room.join(1)
     messages = {uid: echo.text_echo("c", f"line {uid}", uid, max_bytes=10_000) for uid in ("t1", "t2", "t3")}
 
     def items(*uids: str) -> list[TextSend]:
@@ -457,12 +459,7 @@ def test_a_retried_chunk_already_in_the_room_never_moves_the_cursor_back(redis_c
     the room leave the cursor where the later ones put it, so a next owner repeats nothing."""
     from worker.store import MoveCall
 
-    store = Store(redis_client)
-    store.open_conversation("c", "loopback://back")
-    store.enqueue("c", *_entry("u1"))
-    assert store.take_lease("c", "me", 5)
-    room = LoopbackTransport("loopback://back?replica=0", redis_client=redis_client)
-    room.join(1)
+    store, room = _held_room(redis_client, "back", "u1")
     messages = [echo.interrupt(f"m{i}") for i in range(3)]
     calls = [MoveCall("c", "me", 0, i + 1, append=room.prepare_append(m), refuse_above=0)
              for i, m in enumerate(messages)]
