@@ -11,15 +11,25 @@ the limit on decoded samples and raises :class:`AudioError` for what does not de
 
 Output is deterministic: the same input converted twice gives the same bytes, which the sender
 relies on to resume an utterance mid-way by converting again and skipping sent chunks.
+
+Bytes whose content ffmpeg reads without seeking (:data:`PIPE_FORMATS`: MP3, ADTS AAC, Ogg, FLAC,
+WAV) reach ffmpeg through its stdin, written by a thread, with no temp file; the rest (MP4/M4A,
+whose index may sit at the end, WebM, anything unknown, and every path) is read from a file.
+Which way depends on the content only, so the same bytes always decode the same way. An ffmpeg
+takes about a tenth of a second to start; :func:`keep_warm` keeps one started ahead of need for
+the pipe's way.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
+import logging
 import os
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -127,7 +137,8 @@ def pcm_stream(
     call. :class:`AudioError` for unreadable, oversized, too long or empty audio comes out of
     iteration, before any output unless only decoding shows it (a container whose duration is
     wrong is stopped at ``max_seconds`` of decoded samples). Closing the generator early
-    (``close()``, or dropping it) stops ffmpeg and removes the temp file.
+    (``close()``, or dropping it) kills and reaps ffmpeg, waits for the thread feeding its stdin
+    and removes the temp file.
 
     ``on_end`` is called with what was decoded (:class:`Decoded`) once the input is used up,
     before the last piece is yielded; ``expected_s``, the duration the header announced
@@ -243,7 +254,7 @@ def _file_stream(
     source: Source, format: str | None, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int,
     expected_s: float | None, on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
-    with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as (proc, stderr):
+    with _decoder(source, format, max_bytes) as (proc, stderr):
         rate, ch = _pipe_header(proc, stderr)
 
         def ended(frames: int) -> None:
@@ -347,6 +358,7 @@ def _tail(stderr: IO[bytes]) -> str:
     """The end of what ffmpeg wrote to ``stderr``, one line."""
     stderr.seek(0)
     said = re.sub(r"\[[^\]]* @ 0x[0-9a-f]+\] ", "", stderr.read().decode("utf-8", "replace"))  # drop pointers
+    said = re.sub(r"(?m)^pipe:0: ", "", said)  # the bytes came on ffmpeg's stdin: that name says nothing
     return " ".join(said.split())[-300:]
 
 
@@ -354,23 +366,62 @@ def _max_frames(max_seconds: float, rate: int) -> int:
     return int((max_seconds + PADDING_S) * rate)
 
 
-def _spawn(args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], stderr: IO[bytes], stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """Start ffmpeg (tests wrap this to watch the process)."""
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    return subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
+
+
+def _binary() -> str:
+    binary = which(AudioSegment.converter)  # the ffmpeg pydub would use
+    if binary is None:
+        raise ConfigError(f"{AudioSegment.converter} is not installed; audio cannot be decoded")
+    return binary
+
+
+def _args(binary: str, path: str) -> list[str]:
+    """ffmpeg decoding the first audio stream of ``path`` to a float WAV at its own rate on its stdout."""
+    # The WAV header says the rate and channels of the first decoded frame; ffmpeg's encoder is
+    # set up from them, and later frames that differ are converted to them: the layout cannot
+    # drift mid-stream. -bitexact keeps ffmpeg's version out of the header.
+    return [binary, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-map", "0:a:0",
+            "-f", "wav", "-c:a", "pcm_f32le", "-bitexact", "pipe:1"]  # fmt: skip
+
+
+@contextmanager
+def _decoder(source: Source, format: str | None, max_bytes: int) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
+    """ffmpeg decoding ``source``, and the file its stderr goes to; killed and reaped on exit.
+
+    Bytes of a format ffmpeg reads from a pipe (:data:`PIPE_FORMATS`) are written to its stdin
+    by a thread of their own, and the process is the warm spare when there is one
+    (:func:`keep_warm`); the rest is read from a file (bytes from a temp file)."""
+    if _checked_size(source, max_bytes) == 0:
+        raise AudioError("audio is empty: 0 bytes")
+    if not isinstance(source, bytes | bytearray | memoryview) or not _pipeable(source):
+        with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as decoding:
+            yield decoding
+        return
+    decoder = _piped(_args(_binary(), "pipe:0"))
+    try:
+        decoder.feed(source)
+        yield decoder.proc, decoder.stderr
+    finally:
+        decoder.stop()
+
+
+def _pipeable(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ffmpeg can decode ``data`` from a pipe: its content (not its name) is one of
+    :data:`PIPE_FORMATS`. What the header check refuses goes the file's way, which words the error."""
+    try:
+        return look(bytes(data)).format in PIPE_FORMATS
+    except AudioError:
+        return False
 
 
 @contextmanager
 def _ffmpeg(path: str) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
     """ffmpeg decoding the first audio stream of ``path`` to a float WAV at its own rate on its
     stdout, killed on exit."""
-    binary = which(AudioSegment.converter)  # the ffmpeg pydub would use
-    if binary is None:
-        raise ConfigError(f"{AudioSegment.converter} is not installed; audio cannot be decoded")
-    # The WAV header says the rate and channels of the first decoded frame; ffmpeg's encoder is
-    # set up from them, and later frames that differ are converted to them: the layout cannot
-    # drift mid-stream. -bitexact keeps ffmpeg's version out of the header.
-    args = [binary, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", path, "-map", "0:a:0",
-            "-f", "wav", "-c:a", "pcm_f32le", "-bitexact", "pipe:1"]  # fmt: skip
+    args = _args(_binary(), path)
     # stderr goes to an unnamed file: a pipe nobody reads could fill and stall ffmpeg.
     with tempfile.TemporaryFile() as stderr:
         proc = _spawn(args, stderr)
@@ -382,6 +433,185 @@ def _ffmpeg(path: str) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+# ffmpeg fed through its stdin, and the warm spare ----------------------------------------------
+
+#: formats (as :func:`worker.sniff.look` names the content) that ffmpeg decodes from a pipe as
+#: from a file: nothing in them needs seeking. mp4/m4a keep their index at either end and need a
+#: seekable file; webm and the rest keep the temp file too.
+PIPE_FORMATS = frozenset({"mp3", "aac", "ogg", "flac", "wav"})
+#: bytes per write of the thread that feeds ffmpeg's stdin
+_FEED_BLOCK = 64 * 1024
+#: how long stopping a decoder waits for its feeding thread (ffmpeg is gone by then: it ends at once)
+_FEED_JOIN_S = 5.0
+
+log = logging.getLogger("echoq.audio")
+
+
+class _Piped:
+    """An ffmpeg reading its input from a pipe on its stdin, whose write end this holds."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.owner = os.getpid()  # a forked child never uses nor kills its parent's
+        self.writer: threading.Thread | None = None
+        # stderr goes to an unnamed file: a pipe nobody reads could fill and stall ffmpeg.
+        self.stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
+        try:
+            read, write = os.pipe()  # neither end is inherited by processes started elsewhere
+            try:
+                self.proc = _spawn(args, self.stderr, stdin=read)
+            except BaseException:
+                os.close(write)
+                raise
+            finally:
+                os.close(read)  # ffmpeg holds the only read end: when it exits, writes fail at once
+        except BaseException:
+            self.stderr.close()
+            raise
+        # unbuffered: a forked child can close its copy without flushing anything into ffmpeg
+        self.stdin: IO[bytes] = open(write, "wb", buffering=0)  # noqa: SIM115 (closed by the writer or stop())
+        with _lock:
+            _feeds.add(self.stdin)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` to ffmpeg's stdin on a thread of its own, then close it (end of input)."""
+        self.writer = threading.Thread(target=self._write, args=(memoryview(data),), name="echoq-ffmpeg-feed",
+                                       daemon=True)
+        self.writer.start()
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            while data:
+                data = data[self.stdin.write(data[:_FEED_BLOCK]) or 0:]
+        except OSError:  # BrokenPipeError among them: ffmpeg exited (bad input) or was killed early
+            pass
+        finally:
+            _close_feed(self.stdin)
+
+    def stop(self) -> None:
+        """Kill ffmpeg if it runs, reap it, let the writer finish; closes every file of it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.writer is None:
+            _close_feed(self.stdin)
+        else:  # the writer closes stdin itself: closing it under a blocked write could hit a reused fd
+            self.writer.join(_FEED_JOIN_S)
+            if self.writer.is_alive():
+                log.warning("the thread feeding ffmpeg %d did not end within %.0fs", self.proc.pid, _FEED_JOIN_S)
+        self.stderr.close()
+
+
+def _close_feed(stdin: IO[bytes]) -> None:
+    with _lock:
+        _feeds.discard(stdin)
+    with suppress(OSError):
+        stdin.close()
+
+
+_lock = threading.Lock()
+#: write ends of ffmpeg stdin pipes open in this process (a forked child closes its copies)
+_feeds: set[IO[bytes]] = set()
+_warm = False
+_spare: _Piped | None = None
+_starting = False  # a thread is starting the next spare
+
+
+def keep_warm(on: bool = True) -> None:
+    """Keep one ffmpeg started ahead of need (``on``), or stop doing so and end the one kept.
+
+    Starting ffmpeg costs about a tenth of a second (loading its libraries) before it reads a
+    byte; a decode of bytes ffmpeg reads from a pipe (:data:`PIPE_FORMATS`) takes the spare,
+    which waits on its stdin, and the next spare is started on a thread of its own. The first
+    decode after this is called starts its own ffmpeg and leaves a spare behind.
+
+    Off by default: a process that converts now and then (a producer, a script) should not keep
+    an idle ffmpeg for its whole life; the worker turns it on (``ECHOQ_WARM_DECODER``). The
+    output is the same either way: whether bytes go through a pipe depends on their content only.
+    The spare belongs to the process that started it (a forked child starts its own) and is
+    killed at exit; one left behind by a process that died ends by itself when its stdin closes.
+    """
+    global _warm, _spare
+    with _lock:
+        _warm = on
+        spare, _spare = (_spare, None) if not on else (None, _spare)
+    if spare is not None and spare.owner == os.getpid():
+        spare.stop()
+
+
+def _piped(args: list[str]) -> _Piped:
+    """A pipe-fed ffmpeg with ``args``: the spare if it is alive, else a new one; starts the
+    next spare when keeping one."""
+    global _spare
+    with _lock:
+        spare, _spare = _spare, None
+    if spare is not None and spare.owner != os.getpid():
+        spare = None  # the parent's, copied by a fork: not this process's to use or to kill
+    if spare is not None and (spare.args != args or not spare.alive()):
+        spare.stop()  # died (or was killed) while waiting, or another ffmpeg is asked for: reaped, replaced
+        spare = None
+    decoder = spare if spare is not None else _Piped(args)
+    _replenish(args)
+    return decoder
+
+
+def _replenish(args: list[str]) -> None:
+    global _starting
+    with _lock:
+        if not _warm or _starting or _spare is not None:
+            return
+        _starting = True
+    try:
+        threading.Thread(target=_start_spare, args=(args,), name="echoq-ffmpeg-spare", daemon=True).start()
+    except BaseException:
+        with _lock:
+            _starting = False
+        raise
+
+
+def _start_spare(args: list[str]) -> None:
+    global _spare, _starting
+    spare: _Piped | None = None
+    try:
+        spare = _Piped(args)
+    except Exception as exc:  # the next decode starts its own and says what is wrong
+        log.warning("no spare ffmpeg: %s", exc)
+    finally:
+        with _lock:
+            _starting = False
+            if spare is not None and _warm and _spare is None and spare.owner == os.getpid():
+                _spare, spare = spare, None
+    if spare is not None:  # turned off meanwhile, or a fork happened
+        spare.stop()
+
+
+def _at_exit() -> None:
+    keep_warm(False)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child keeps nothing of its parent's ffmpegs: it forgets the spare (the parent's
+    to use and to kill) and closes its copies of the stdin pipes, which would otherwise keep
+    the parent's decoders from ever seeing the end of their input."""
+    global _lock, _spare, _starting
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    _spare, _starting = None, False
+    for stdin in list(_feeds):
+        with suppress(OSError):
+            stdin.close()
+    _feeds.clear()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager

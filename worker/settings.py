@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     blob_ttl_s: int = Field(default=24 * 3600, ge=60)
     max_audio_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(default=600.0, gt=0)
+    warm_decoder: bool = Field(default=True, description="Keep one ffmpeg started ahead of need in each worker, so "
+                               "the first audio of an MP3, AAC, Ogg, FLAC or WAV comes out without waiting about "
+                               "0.1 s for ffmpeg to start; false: every decode starts its own")
     fetch_timeout_s: float = Field(default=20.0, gt=0, description="Total deadline of one audio URL fetch, redirects included")
     fetch_allow_hosts: str = Field(default="", description="Comma-separated hosts, addresses or CIDR networks "
                                    "that audio URLs may reach although they are internal")

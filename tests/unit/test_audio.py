@@ -6,13 +6,16 @@ Test audio is made here: numpy writes WAVs, ffmpeg encodes the other formats int
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 import wave
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import IO, TypedDict
+from typing import IO, Any, TypedDict
 
 import numpy as np
 import pytest
@@ -69,8 +72,8 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
     procs: list[subprocess.Popen[bytes]] = []
     real = audio._spawn
 
-    def spy(args: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-        procs.append(real(args, stderr))
+    def spy(args: list[str], stderr: IO[bytes], stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+        procs.append(real(args, stderr, stdin))
         return procs[-1]
 
     monkeypatch.setattr(audio, "_spawn", spy)
@@ -302,7 +305,7 @@ def test_first_block_comes_before_ffmpeg_finishes(
     # Five minutes decode to ~53 MB; the pipe holds 64 KB, so ffmpeg cannot have finished.
     assert proc.poll() is None
     assert 0 < len(first) < 300 * 24000 * 2 // 100
-    assert [p.name for p in tmpdir_for_audio.iterdir()][0].startswith("echoq-")
+    assert list(tmpdir_for_audio.iterdir()) == []  # FLAC bytes reach ffmpeg through its stdin
     stream.close()
     assert_reaped(proc)
     assert list(tmpdir_for_audio.iterdir()) == []
@@ -443,3 +446,173 @@ def test_other_wavs_go_to_the_decoder_and_a_plain_wavs_limits_and_cut_frames_hol
     with pytest.raises(AudioError, match="empty"):
         audio.convert(empty, target_rate=24000, **LIMITS)
     assert len(spawned) == 1
+
+
+# Fed through a pipe, and the warm spare ---------------------------------------------------------
+
+
+@pytest.fixture
+def warm() -> Iterator[None]:
+    """The spare kept for this test; off again after it, with no spare left and no thread
+    still starting one (it would start it under the next test's eyes)."""
+    audio.keep_warm(True)
+    yield
+    audio.keep_warm(False)
+    for thread in threading.enumerate():
+        if thread.name == "echoq-ffmpeg-spare":
+            thread.join(30)
+    assert audio._spare is None
+
+
+def spare_ready() -> audio._Piped:
+    """The spare, once the thread starting it is done (a guard against a hang, not a timing)."""
+    deadline = time.monotonic() + 30
+    while (spare := audio._spare) is None or audio._starting:
+        assert time.monotonic() < deadline, "no spare ffmpeg was started"
+        time.sleep(0.01)
+    return spare
+
+
+def piped(proc: subprocess.Popen[bytes]) -> bool:
+    return "pipe:0" in list(proc.args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def temp_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the named temp files made (audio bytes written for ffmpeg to read)."""
+    names: list[str] = []
+    real = tempfile.NamedTemporaryFile
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        f = real(*args, **kw)
+        names.append(f.name)
+        return f
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", spy)
+    return names
+
+
+def test_the_second_mp3_is_decoded_by_the_spare_the_first_left_and_gives_the_same_bytes(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]], temp_files: list[str], warm: None
+) -> None:
+    data = encode(stereo_440, tmp_path / "a.mp3", "libmp3lame").read_bytes()
+    first = audio.convert(data, target_rate=24000, **LIMITS)
+    spare = spare_ready()
+    assert len(spawned) == 2 and spawned[1] is spare.proc  # the first decode's own, then the spare
+    assert spare.proc.poll() is None and all(piped(p) for p in spawned)
+    before = list(spawned)
+    second = audio.convert(data, target_rate=24000, **LIMITS)
+    assert spare.proc.returncode == 0  # it decoded the second file, started before that began
+    assert audio._spare is not spare
+    assert spare_ready().proc not in before and len(spawned) == 3  # only the next spare was started
+    assert temp_files == []  # the bytes went through ffmpeg's stdin
+    audio.keep_warm(False)
+    cold = audio.convert(data, target_rate=24000, **LIMITS)
+    assert first == second == cold
+    for proc in spawned:
+        assert_reaped(proc)
+
+
+def test_an_mp3_through_the_pipe_gives_the_files_samples_and_the_encoders_end_padding(
+    tmp_path: Path, stereo_440: Path
+) -> None:
+    """ffmpeg trims an MP3's end padding (its LAME header says how much) from a file, not a pipe:
+    from the pipe the padding plays too, a few tens of milliseconds of the decoder's tail. What
+    comes before it is the same samples."""
+    mp3 = encode(stereo_440, tmp_path / "a.mp3", "libmp3lame")
+    from_file = audio.convert(mp3, target_rate=24000, **LIMITS)
+    from_pipe = audio.convert(mp3.read_bytes(), target_rate=24000, **LIMITS)
+    assert 0 <= len(from_pipe) - len(from_file) <= 2 * 24000 * 1152 * 2 // 44100  # at most two frames
+    settled = len(from_file) - 2 * 2400  # the resampler's flush at the end differs: 0.1 s before it
+    assert from_pipe[:settled] == from_file[:settled]
+
+
+def test_an_m4a_still_goes_through_a_temp_file_with_the_spare_on(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]], tmpdir_for_audio: Path, warm: None
+) -> None:
+    data = encode(stereo_440, tmp_path / "a.m4a", "aac").read_bytes()
+    stream = audio.pcm_stream(data, format="m4a", target_rate=24000, **LIMITS)
+    first = next(stream)
+    assert [p.name for p in tmpdir_for_audio.iterdir()][0].startswith("echoq-")
+    assert len(spawned) == 1 and not piped(spawned[0])
+    pcm = first + b"".join(stream)
+    assert 0.95 * 24000 < len(pcm) // 2 < 1.1 * 24000
+    assert list(tmpdir_for_audio.iterdir()) == []
+    assert_reaped(spawned[0])
+    assert audio._spare is None and not audio._starting  # nothing fed through a pipe, no spare wanted
+
+
+def test_closing_a_piped_stream_early_kills_ffmpeg_and_ends_the_thread_feeding_it(
+    five_minutes: Path, spawned: list[subprocess.Popen[bytes]], tmpdir_for_audio: Path, warm: None
+) -> None:
+    stream = audio.pcm_stream(five_minutes.read_bytes(), format="flac", target_rate=24000, **LIMITS)
+    next(stream)
+    proc = spawned[0]
+    feeders = [t for t in threading.enumerate() if t.name == "echoq-ffmpeg-feed"]
+    # ffmpeg reads as it decodes: megabytes of FLAC cannot all be in by the first piece
+    assert len(feeders) == 1 and feeders[0].is_alive()
+    assert piped(proc) and proc.poll() is None
+    stream.close()
+    assert_reaped(proc)
+    assert not feeders[0].is_alive()
+    assert list(tmpdir_for_audio.iterdir()) == []
+    assert not audio._feeds - {spare_ready().stdin}  # only the spare's stdin is still open
+
+
+def test_a_spare_killed_from_outside_is_reaped_and_replaced(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]], warm: None
+) -> None:
+    data = encode(stereo_440, tmp_path / "a.mp3", "libmp3lame").read_bytes()
+    expected = audio.convert(data, target_rate=24000, **LIMITS)
+    spare = spare_ready()
+    os.kill(spare.proc.pid, signal.SIGKILL)
+    while not _dead(spare.proc.pid):  # dead, not yet reaped
+        time.sleep(0.01)
+    assert audio.convert(data, target_rate=24000, **LIMITS) == expected
+    assert spare.proc.returncode == -signal.SIGKILL
+    assert_reaped(spare.proc)
+    assert len(spawned) == 4  # the first decode's, the killed spare, the one started instead, the next spare
+    assert spawned[2].returncode == 0 and spare_ready().proc is spawned[3]
+
+
+def _dead(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] in "ZX"
+
+
+@pytest.mark.parametrize("case", ["mp3 cut in its first frame", "flac header then noise"])
+def test_unreadable_bytes_through_the_pipe_fail_as_from_a_file(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]], case: str, warm: None
+) -> None:
+    if case.startswith("mp3"):
+        data = encode(stereo_440, tmp_path / "a.mp3", "libmp3lame").read_bytes()[:300]
+    else:
+        flac = encode(stereo_440, tmp_path / "a.flac", "flac").read_bytes()
+        data = flac[:flac.index(b"\xff\xf8", 42) + 20]  # the metadata, then the start of one frame
+    assert audio._pipeable(data)
+    (tmp_path / "bad").write_bytes(data)
+    with pytest.raises(AudioError) as from_file:  # a path: read by name, as bytes were before
+        audio.convert(tmp_path / "bad", target_rate=24000, **LIMITS)
+    with pytest.raises(AudioError) as from_pipe:
+        audio.convert(data, target_rate=24000, **LIMITS)
+    assert piped(spawned[-1]) or piped(spawned[-2])
+    kind = str(from_file.value).partition("(")[0]
+    assert kind.startswith("audio is ") and str(from_pipe.value).partition("(")[0] == kind
+    assert "pipe:0" not in str(from_pipe.value)
+    spare = spare_ready().proc
+    for proc in spawned:
+        if proc is not spare:
+            assert_reaped(proc)
+
+
+def test_turning_the_spare_off_kills_and_reaps_it(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]], warm: None
+) -> None:
+    data = encode(stereo_440, tmp_path / "a.mp3", "libmp3lame").read_bytes()
+    audio.convert(data, target_rate=24000, **LIMITS)
+    spare = spare_ready()
+    audio.keep_warm(False)
+    assert_reaped(spare.proc)
+    assert spare.stdin.closed and audio._spare is None and spare.stdin not in audio._feeds
+    audio.convert(data, target_rate=24000, **LIMITS)
+    assert len(spawned) == 3 and audio._spare is None and not audio._starting  # off: no spare left behind
