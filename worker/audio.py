@@ -269,12 +269,43 @@ def _file_stream(
             if on_end is not None and frames:
                 on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
 
+        blocks = _read_frames(proc.stdout, ch, _F32, block_bytes)
+        exact = _mp3_samples(source)
+        if exact is not None and rate == exact[1]:
+            blocks = _first_frames(blocks, exact[0])
         # The limit is checked on decoded samples, never on the container's duration, which can lie.
-        frames = yield from _resample(
-            _read_frames(proc.stdout, ch, _F32, block_bytes), rate, target_rate, _max_frames(max_seconds, rate), ended
-        )
+        frames = yield from _resample(blocks, rate, target_rate, _max_frames(max_seconds, rate), ended)
     if frames == 0:
         raise AudioError("audio is empty: no samples after decoding")
+
+
+def _mp3_samples(source: Source) -> tuple[int, int] | None:
+    """``(samples, rate)`` an MP3 in ``source`` holds by its header's count (Xing/LAME: the
+    encoder's delay and padding taken off), for bytes that go through ffmpeg's stdin: from a file
+    ffmpeg trims the end padding itself, from a pipe it does not, so the pipe's output is cut here
+    to the same samples. None for anything else."""
+    if not isinstance(source, bytes | bytearray | memoryview):
+        return None
+    try:
+        head = look(bytes(source))
+    except AudioError:
+        return None
+    if head.format != "mp3" or head.estimated or head.duration_s is None or not head.sample_rate:
+        return None
+    return round(head.duration_s * head.sample_rate), head.sample_rate
+
+
+def _first_frames(blocks: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
+    """The first ``count`` frames of ``blocks``; the rest is read (so the decoder can finish) and
+    dropped."""
+    left = count
+    for block in blocks:
+        if left <= 0:
+            continue
+        if len(block) > left:
+            block = block[:left]
+        left -= len(block)
+        yield block
 
 
 def _pipe_header(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> tuple[int, int]:

@@ -79,3 +79,34 @@ def test_the_conversions_error_comes_out_of_poll_and_on_end_is_not_called() -> N
         assert not ended.is_set()
     finally:
         reader.close()
+
+
+def test_a_full_buffer_is_refilled_once_half_of_it_was_taken_not_a_piece_at_a_time() -> None:
+    """Waking the reader for every piece taken cost the pacing loop a thread switch per chunk:
+    the reader waits until half of the buffer is gone, then fills it again."""
+    pulled: list[int] = []
+    changed = threading.Condition()
+
+    def counting() -> Iterator[bytes]:
+        for i in range(100):
+            with changed:
+                pulled.append(i)
+                changed.notify_all()
+            yield bytes([i])
+
+    def wait_pulled(n: int) -> None:
+        with changed:
+            assert changed.wait_for(lambda: len(pulled) >= n, 10), f"{len(pulled)} pieces read, not {n}"
+
+    reader = ReadAhead("u5", counting, ahead=10)
+    try:
+        wait_pulled(11)  # ten wait in the buffer, the eleventh waits for room
+        taken = [reader.poll() for _ in range(4)]  # six left: more than half
+        assert taken == [("frame", bytes([i])) for i in range(4)]
+        assert not reader._thread.join(0.3) and len(pulled) == 11  # still waiting for room
+        assert reader.poll() == ("frame", bytes([4]))  # five left: half
+        wait_pulled(16)  # filled again to ten, and the next one read
+        got = [reader.poll() for _ in range(10)]
+        assert got == [("frame", bytes([i])) for i in range(5, 15)]  # in order, none lost
+    finally:
+        reader.close()
