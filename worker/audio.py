@@ -18,6 +18,10 @@ whose index may sit at the end, WebM, anything unknown, and every path) is read 
 Which way depends on the content only, so the same bytes always decode the same way. An ffmpeg
 takes about a tenth of a second to start; :func:`keep_warm` keeps one started ahead of need for
 the pipe's way.
+
+Bytes that are still arriving (:class:`Arriving`: a first part, the whole size, the parts after
+it as they come) are written to ffmpeg's stdin part by part when their content goes the pipe's
+way, so decoding starts before the last part is in; every other way joins the parts first.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import re
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
@@ -58,6 +62,30 @@ _SHORT_S = 0.25
 #: a duration estimated from a constant bitrate and the size is refused only this much over
 #: the limit (a tag the estimate counted as audio makes it a little long)
 _ESTIMATE_SLACK = 0.02
+
+
+@dataclass(frozen=True)
+class Arriving:
+    """The bytes of a file that arrive in parts: ``head``, the first part, is here; ``rest``
+    yields the parts after it, in order, each read when it is asked for; ``size`` is the length
+    of the whole file.
+
+    :func:`pcm_stream` takes it wherever it takes bytes and gives the same output as for the
+    joined bytes. The size limit is checked on ``size`` (nothing of ``rest`` is read for a file
+    refused); the content is judged on ``head``. When ``head`` shows a format ffmpeg reads from
+    a pipe (:data:`PIPE_FORMATS`, but WAV), the thread feeding ffmpeg writes ``head`` and then
+    each part as it comes, so the first samples come before the last part is read. Every other
+    way (raw PCM, WAV, a format read from a temp file, a ``head`` too short to tell) joins the
+    parts into bytes first and goes on exactly as for bytes: simple, and the same decode.
+
+    Parts that end short of ``size`` (the file went away while it was read) or run past it
+    fail the decode with :class:`AudioError`, never a quietly truncated output; an error
+    ``rest`` raises comes out of the decode as it is.
+    """
+
+    head: bytes
+    size: int
+    rest: Iterable[bytes]
 
 
 @dataclass(frozen=True)
@@ -112,7 +140,7 @@ def sniff(
 
 
 def pcm_stream(
-    source: Source,
+    source: Source | Arriving,
     *,
     target_rate: int,
     format: str | None = None,
@@ -126,7 +154,7 @@ def pcm_stream(
 ) -> Generator[bytes, None, None]:
     """Yield s16le mono PCM at ``target_rate`` (16000 or 24000) as the input is decoded.
 
-    ``source`` is a path or the file's bytes. ``format`` is a hint (the temp file's suffix),
+    ``source`` is a path, the file's bytes, or its bytes as they arrive (:class:`Arriving`). ``format`` is a hint (the temp file's suffix),
     except that ``raw``/``pcm``/``s16le`` means headerless s16le PCM, which needs
     ``source_rate`` and ``channels``; for everything else the container says rate and channels.
     ``block_bytes`` is how much decoded audio is read per step; yielded pieces vary in length
@@ -149,17 +177,65 @@ def pcm_stream(
     if block_bytes < 64:
         raise ValueError(f"block_bytes must be at least 64, not {block_bytes}")
     if _is_raw(format):
-        rate, ch = _raw_params(source_rate, channels)
-        return _raw_stream(source, rate, ch, target_rate, max_bytes, max_seconds, block_bytes, on_end)
-    wav = _plain_wav(source, max_bytes)
-    if wav is not None:
-        return _wav_stream(source, wav, target_rate, max_seconds, block_bytes, expected_s, on_end)
-    return _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s, on_end)
+        _raw_params(source_rate, channels)
+
+    def stream(data: Source) -> Generator[bytes, None, None]:
+        if _is_raw(format):
+            rate, ch = _raw_params(source_rate, channels)
+            return _raw_stream(data, rate, ch, target_rate, max_bytes, max_seconds, block_bytes, on_end)
+        wav = _plain_wav(data, max_bytes)
+        if wav is not None:
+            return _wav_stream(data, wav, target_rate, max_seconds, block_bytes, expected_s, on_end)
+        return _file_stream(data, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s, on_end)
+
+    if isinstance(source, Arriving):
+        return _arriving_stream(source, stream, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s,
+                                on_end)
+    return stream(source)
 
 
-def convert(source: Source, **options: Any) -> bytes:
+def convert(source: Source | Arriving, **options: Any) -> bytes:
     """The whole of :func:`pcm_stream` as one bytes object; takes the same arguments."""
     return b"".join(pcm_stream(source, **options))
+
+
+def _arriving_stream(
+    source: Arriving, stream: Callable[[Source], Generator[bytes, None, None]], format: str | None, target_rate: int,
+    max_bytes: int, max_seconds: float, block_bytes: int, expected_s: float | None,
+    on_end: Callable[[Decoded], None] | None,
+) -> Generator[bytes, None, None]:
+    _checked_size(source, max_bytes)  # before a part of the rest is read
+    if _is_raw(format) or not _streamable(source.head):
+        yield from stream(b"".join(_parts(source)))
+        return
+    yield from _file_stream(source, format, target_rate, max_bytes, max_seconds, block_bytes, expected_s, on_end)
+
+
+def _streamable(head: bytes) -> bool:
+    """Whether bytes that start with ``head`` go to ffmpeg part by part as they arrive: a format
+    it reads from a pipe. WAV is joined first: a 16-bit one is read with no decoder, and which
+    way it goes must not depend on how much of it had arrived."""
+    try:
+        return look(head).format in PIPE_FORMATS - {"wav"}
+    except AudioError:  # too little to tell, or not audio: joined, then judged as bytes are
+        return False
+
+
+def _parts(source: Arriving) -> Iterator[bytes]:
+    """``head``, then each part of ``rest``; :class:`AudioError` if they end short of ``size``
+    or run past it."""
+    got = len(source.head)
+    if got > source.size:
+        raise AudioError(f"the audio blob changed while it was read: more than its {source.size} bytes")
+    yield source.head
+    for part in source.rest:
+        got += len(part)
+        if got > source.size:
+            raise AudioError(f"the audio blob changed while it was read: more than its {source.size} bytes")
+        if part:
+            yield part
+    if got < source.size:
+        raise AudioError(f"the audio blob went away while it was read: {got} of {source.size} bytes")
 
 
 def _raw_stream(
@@ -251,43 +327,54 @@ class _Bounded:
 
 
 def _file_stream(
-    source: Source, format: str | None, target_rate: int, max_bytes: int, max_seconds: float, block_bytes: int,
-    expected_s: float | None, on_end: Callable[[Decoded], None] | None,
+    source: Source | Arriving, format: str | None, target_rate: int, max_bytes: int, max_seconds: float,
+    block_bytes: int, expected_s: float | None, on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
-    with _decoder(source, format, max_bytes) as (proc, stderr):
-        rate, ch = _pipe_header(proc, stderr)
+    with _decoder(source, format, max_bytes) as (proc, stderr, fed):
+        try:
+            rate, ch = _pipe_header(proc, stderr)
 
-        def ended(frames: int) -> None:
-            # A decoder that fails after giving samples stopped early: what it gave is the
-            # audio, and the note says where and why it stopped; a decode of nothing fails.
-            code, said = proc.wait(), _tail(stderr)
-            if frames == 0 and (code != 0 or said):
-                raise AudioError(f"audio is unreadable: ffmpeg could not decode it ({said or f'exit status {code}'})")
-            if frames == 0 and expected_s:
-                raise AudioError(f"audio is unreadable: its header says {expected_s:.2f} s, and not a sample decodes")
-            reason = said or (f"ffmpeg exited with {code}" if code else None)
-            if on_end is not None and frames:
-                on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
+            def ended(frames: int) -> None:
+                fed()  # input that went away mid-way is the error, not the part of it that decoded
+                # A decoder that fails after giving samples stopped early: what it gave is the
+                # audio, and the note says where and why it stopped; a decode of nothing fails.
+                code, said = proc.wait(), _tail(stderr)
+                if frames == 0 and (code != 0 or said):
+                    raise AudioError(
+                        f"audio is unreadable: ffmpeg could not decode it ({said or f'exit status {code}'})")
+                if frames == 0 and expected_s:
+                    raise AudioError(
+                        f"audio is unreadable: its header says {expected_s:.2f} s, and not a sample decodes")
+                reason = said or (f"ffmpeg exited with {code}" if code else None)
+                if on_end is not None and frames:
+                    on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
 
-        blocks = _read_frames(proc.stdout, ch, _F32, block_bytes)
-        exact = _mp3_samples(source)
-        if exact is not None and rate == exact[1]:
-            blocks = _first_frames(blocks, exact[0])
-        # The limit is checked on decoded samples, never on the container's duration, which can lie.
-        frames = yield from _resample(blocks, rate, target_rate, _max_frames(max_seconds, rate), ended)
+            blocks = _read_frames(_Checked(proc.stdout, fed), ch, _F32, block_bytes)
+            exact = _mp3_samples(source)
+            if exact is not None and rate == exact[1]:
+                blocks = _first_frames(blocks, exact[0])
+            # The limit is checked on decoded samples, never on the container's duration, which can lie.
+            frames = yield from _resample(blocks, rate, target_rate, _max_frames(max_seconds, rate), ended)
+        except AudioError:
+            fed()  # what ffmpeg made of input cut short says less than that it was cut
+            raise
     if frames == 0:
         raise AudioError("audio is empty: no samples after decoding")
 
 
-def _mp3_samples(source: Source) -> tuple[int, int] | None:
+def _mp3_samples(source: Source | Arriving) -> tuple[int, int] | None:
     """``(samples, rate)`` an MP3 in ``source`` holds by its header's count (Xing/LAME: the
     encoder's delay and padding taken off), for bytes that go through ffmpeg's stdin: from a file
     ffmpeg trims the end padding itself, from a pipe it does not, so the pipe's output is cut here
     to the same samples. None for anything else."""
-    if not isinstance(source, bytes | bytearray | memoryview):
+    if isinstance(source, Arriving):
+        data = source.head  # the header is in the first frame
+    elif isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    else:
         return None
     try:
-        head = look(bytes(source))
+        head = look(data)
     except AudioError:
         return None
     if head.format != "mp3" or head.estimated or head.duration_s is None or not head.sample_rate:
@@ -306,6 +393,20 @@ def _first_frames(blocks: Iterator[np.ndarray], count: int) -> Iterator[np.ndarr
             block = block[:left]
         left -= len(block)
         yield block
+
+
+class _Checked:
+    """Reads of ``stream`` that raise what ``fed`` raises (the input went away) once it does."""
+
+    def __init__(self, stream: IO[bytes] | None, fed: Callable[[], None]) -> None:
+        assert stream is not None
+        self._stream = stream
+        self._fed = fed
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self._fed()
+        return data
 
 
 def _pipe_header(proc: subprocess.Popen[bytes], stderr: IO[bytes]) -> tuple[int, int]:
@@ -418,23 +519,37 @@ def _args(binary: str, path: str) -> list[str]:
             "-f", "wav", "-c:a", "pcm_f32le", "-bitexact", "pipe:1"]  # fmt: skip
 
 
-@contextmanager
-def _decoder(source: Source, format: str | None, max_bytes: int) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
-    """ffmpeg decoding ``source``, and the file its stderr goes to; killed and reaped on exit.
+_Decoding = tuple[subprocess.Popen[bytes], IO[bytes], Callable[[], None]]
 
-    Bytes of a format ffmpeg reads from a pipe (:data:`PIPE_FORMATS`) are written to its stdin
-    by a thread of their own, and the process is the warm spare when there is one
-    (:func:`keep_warm`); the rest is read from a file (bytes from a temp file)."""
+
+def _fed_well() -> None:
+    pass
+
+
+@contextmanager
+def _decoder(source: Source | Arriving, format: str | None, max_bytes: int) -> Iterator[_Decoding]:
+    """ffmpeg decoding ``source``, the file its stderr goes to, and a check that raises what
+    went wrong feeding it its input (input that arrives in parts and went away mid-way); killed
+    and reaped on exit.
+
+    Bytes of a format ffmpeg reads from a pipe (:data:`PIPE_FORMATS`), and :class:`Arriving`
+    bytes (their caller saw to the format), are written to its stdin by a thread of their own,
+    and the process is the warm spare when there is one (:func:`keep_warm`); the rest is read
+    from a file (bytes from a temp file)."""
     if _checked_size(source, max_bytes) == 0:
         raise AudioError("audio is empty: 0 bytes")
-    if not isinstance(source, bytes | bytearray | memoryview) or not _pipeable(source):
-        with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as decoding:
-            yield decoding
+    if isinstance(source, Arriving):
+        parts: Iterable[bytes] = _parts(source)
+    elif isinstance(source, bytes | bytearray | memoryview) and _pipeable(source):
+        parts = (source,)
+    else:
+        with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as (proc, stderr):
+            yield proc, stderr, _fed_well
         return
     decoder = _piped(_args(_binary(), "pipe:0"))
     try:
-        decoder.feed(source)
-        yield decoder.proc, decoder.stderr
+        decoder.feed(parts)
+        yield decoder.proc, decoder.stderr, decoder.fed
     finally:
         decoder.stop()
 
@@ -487,6 +602,8 @@ class _Piped:
         self.args = args
         self.owner = os.getpid()  # a forked child never uses nor kills its parent's
         self.writer: threading.Thread | None = None
+        #: what stopped the writer before the end of the input (not ffmpeg going away)
+        self.failure: BaseException | None = None
         # stderr goes to an unnamed file: a pipe nobody reads could fill and stall ffmpeg.
         self.stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         try:
@@ -509,20 +626,34 @@ class _Piped:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` to ffmpeg's stdin on a thread of its own, then close it (end of input)."""
-        self.writer = threading.Thread(target=self._write, args=(memoryview(data),), name="echoq-ffmpeg-feed",
-                                       daemon=True)
+    def feed(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write each of ``parts`` in turn to ffmpeg's stdin on a thread of its own, each taken
+        when the one before it is written, then close it (end of input). What taking a part
+        raises stops the input there; :meth:`fed` raises it."""
+        self.writer = threading.Thread(target=self._write, args=(parts,), name="echoq-ffmpeg-feed", daemon=True)
         self.writer.start()
 
-    def _write(self, data: memoryview) -> None:
+    def _write(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         try:
-            while data:
-                data = data[self.stdin.write(data[:_FEED_BLOCK]) or 0:]
-        except OSError:  # BrokenPipeError among them: ffmpeg exited (bad input) or was killed early
-            pass
+            for part in parts:
+                data = memoryview(part)
+                try:
+                    while data:
+                        data = data[self.stdin.write(data[:_FEED_BLOCK]) or 0:]
+                except OSError:  # BrokenPipeError among them: ffmpeg exited (bad input) or was killed early
+                    return
+        except BaseException as exc:  # the input went away: ffmpeg sees its end, the reader this
+            self.failure = exc
         finally:
+            close = getattr(parts, "close", None)
+            if close is not None:
+                close()  # a generator left mid-way lets go of what it reads from now
             _close_feed(self.stdin)
+
+    def fed(self) -> None:
+        """Raise what stopped the writer before the end of its input, if anything did."""
+        if self.failure is not None:
+            raise self.failure
 
     def stop(self) -> None:
         """Kill ffmpeg if it runs, reap it, let the writer finish; closes every file of it."""
@@ -673,8 +804,10 @@ def _open_raw(source: Source) -> Iterator[IO[bytes]]:
             yield f
 
 
-def _checked_size(source: Source, max_bytes: int) -> int:
-    if isinstance(source, bytes | bytearray | memoryview):
+def _checked_size(source: Source | Arriving, max_bytes: int) -> int:
+    if isinstance(source, Arriving):
+        size = source.size
+    elif isinstance(source, bytes | bytearray | memoryview):
         size = len(source)
     else:
         try:

@@ -63,6 +63,10 @@ class SendExhausted(RetryableError):
 _RECORD_EVERY = 25
 #: at most this many text utterances go in one round trip (one Redis script; all or none)
 _TEXT_BATCH = 16
+#: an audio blob longer than this is read in parts: this much first, in the round trip that
+#: finds its length, then ``BLOB_PART_BYTES`` at a time as the decoder takes them
+BLOB_HEAD_BYTES = 256 * 1024
+BLOB_PART_BYTES = 1024 * 1024
 #: at most this many audio chunks go in one round trip in burst pacing; a retry after a lost reply
 #: finds each in the room's newest 8 entries (``SENT_BEFORE``), so no more than 8
 _CHUNK_BATCH = 8
@@ -444,7 +448,7 @@ class Sender:
         return len(items)
 
     def _pcm_chunks(self, entry: dict[str, Any]) -> Iterator[bytes]:
-        data = self.store.blob(entry["utterance_id"])
+        data = self._blob(entry["utterance_id"])
         if data is None:
             raise PermanentError("the audio blob has expired or is missing; enqueue the audio again")
         rate = int(entry["sample_rate"])
@@ -460,6 +464,28 @@ class Sender:
             on_end=functools.partial(self._decoded, entry["utterance_id"]),
         )
         return chunks.rechunk(pcm, chunks.chunk_bytes(rate, self.chunk_ms))
+
+    def _blob(self, uid: str) -> bytes | audio.Arriving | None:
+        """The audio blob of ``uid``: its bytes when it is small; else its first part, and the
+        rest read a part at a time as the decoder takes them (a GET of megabytes would hold the
+        first chunk back until the last byte is in). None when it has expired or is missing."""
+        size, head = self.store.blob_start(uid, BLOB_HEAD_BYTES)
+        if size is None:
+            return None
+        if size <= len(head):
+            return head
+        return audio.Arriving(head, size, self._blob_parts(uid, len(head), size))
+
+    def _blob_parts(self, uid: str, start: int, size: int) -> Iterator[bytes]:
+        """The blob's bytes from ``start`` on, a part at a time; stops when it has gone (the
+        decoder then fails the utterance, saying how much of it came). A Redis error comes out of
+        the decode as a failed ``store.blob`` would: the drain is tried again."""
+        while start < size:
+            part = self.store.blob_range(uid, start, min(start + BLOB_PART_BYTES, size))
+            if not part:
+                return
+            yield part
+            start += len(part)
 
     def _decoded(self, uid: str, decoded: audio.Decoded) -> None:
         """The decoded length (and why decoding stopped early) goes on the record, for people:

@@ -645,6 +645,29 @@ class Store:
         v: Any = self.r.get(keys.blob(utterance_id))
         return bytes(v) if v is not None else None
 
+    def blob_size(self, utterance_id: str) -> int | None:
+        """The blob's length in bytes (STRLEN), or None when it has expired or is missing."""
+        size = int(self.r.strlen(keys.blob(utterance_id)))
+        return size or None  # STRLEN of a missing key is 0; a blob is never stored empty
+
+    def blob_start(self, utterance_id: str, length: int) -> tuple[int | None, bytes]:
+        """The blob's length (None when missing) and its first ``length`` bytes (all of it if it
+        is shorter), in one round trip and from the same moment."""
+        key = keys.blob(utterance_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, length - 1)
+        size, head = pipe.execute()
+        return int(size) or None, bytes(head)
+
+    def blob_range(self, utterance_id: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` up to (not including) ``end`` of the blob (GETRANGE): fewer at its
+        end, none when it has gone."""
+        if end <= start:
+            return b""
+        v: Any = self.r.getrange(keys.blob(utterance_id), start, end - 1)
+        return bytes(v)
+
     def drop_blob(self, utterance_id: str) -> None:
         self.r.delete(keys.blob(utterance_id))
 

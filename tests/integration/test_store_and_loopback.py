@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 
 from tests.integration.conftest import wait_for, wire
-from worker import echo, keys
+from worker import audio, echo, keys
 from worker.errors import (
     InvalidInput,
     MessageTooLarge,
@@ -20,7 +22,7 @@ from worker.errors import (
     RoomDisconnected,
     SendFailed,
 )
-from worker.sender import Sender
+from worker.sender import BLOB_HEAD_BYTES, BLOB_PART_BYTES, Sender
 from worker.settings import Settings
 from worker.store import Store
 from worker.transports.loopback import LoopbackTransport
@@ -467,3 +469,120 @@ def test_a_retried_chunk_already_in_the_room_never_moves_the_cursor_back(redis_c
     assert store.cursor("c").chunk == 3
     assert store.move_many(calls[:1])[0].done  # the retry got as far as the first one
     assert store.cursor("c").chunk == 3 and wire(redis_client, "back") == messages
+
+
+# an audio blob read in parts ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_mp3(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """About 3 MB of MP3 (80 s of noise at 320 kbit/s): several parts of the blob."""
+    path = tmp_path_factory.mktemp("blob") / "long.mp3"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anoisesrc=d=80:c=pink:r=44100:a=0.3",
+                    "-ac", "2", "-c:a", "libmp3lame", "-b:a", "320k", str(path)], check=True)
+    data = path.read_bytes()
+    assert 3 * 1024 * 1024 - 300_000 < len(data) < 4 * 1024 * 1024
+    return data
+
+
+def _audio_room(redis_client: redis.Redis, name: str, blob: bytes, **settings: Any) -> tuple[Store, Sender]:
+    """Conversation "c" in loopback room ``name`` with audio utterance "a1" (``blob``) then text "t1"
+    queued, and a sender holding its lease."""
+    store = Store(redis_client)
+    store.open_conversation("c", f"loopback://{name}")
+    entry = {"utterance_id": "a1", "kind": "audio", "inference_id": "a1", "sample_rate": 24000, "format": "mp3"}
+    store.enqueue("c", entry, {"id": "a1", "kind": "audio", "inference_id": "a1"}, blob=blob)
+    store.enqueue("c", *_entry("t1"))
+    assert store.take_lease("c", "me", 5)
+    room = LoopbackTransport(f"loopback://{name}?replica=0", redis_client=redis_client)
+    room.join(1)
+    sender = Sender("c", store=store, transport=room, settings=Settings(pacing_loop=False, **settings), token="me",
+                    wake=threading.Event(), stopping=lambda: False)
+    return store, sender
+
+
+def _ranges(store: Store, monkeypatch: pytest.MonkeyPatch,
+            then: Callable[[int], None] | None = None) -> list[tuple[int, int]]:
+    """Every (start, end) the worker reads of a blob; ``then(n)`` runs after the n-th part is read."""
+    reads: list[tuple[int, int]] = []
+    start_real, range_real = store.blob_start, store.blob_range
+
+    def blob_start(uid: str, length: int) -> tuple[int | None, bytes]:
+        reads.append((0, length))
+        return start_real(uid, length)
+
+    def blob_range(uid: str, start: int, end: int) -> bytes:
+        reads.append((start, end))
+        part = range_real(uid, start, end)
+        if then is not None:
+            then(len(reads) - 1)
+        return part
+
+    def no_get(uid: str) -> bytes | None:
+        raise AssertionError("the whole blob was read at once")
+
+    monkeypatch.setattr(store, "blob_start", blob_start)
+    monkeypatch.setattr(store, "blob_range", blob_range)
+    monkeypatch.setattr(store, "blob", no_get)
+    return reads
+
+
+def test_a_long_audio_blob_is_read_in_parts_and_decodes_as_the_whole_blob_does(
+        redis_client: redis.Redis, long_mp3: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, sender = _audio_room(redis_client, "parts", long_mp3)
+    entry = store.entries_after("c", 0, count=1)[0]
+    reads = _ranges(store, monkeypatch)
+    pcm = b"".join(sender._pcm_chunks(entry))
+    settings = Settings()
+    whole = audio.convert(long_mp3, target_rate=24000, max_bytes=settings.max_audio_bytes,
+                          max_seconds=settings.max_audio_seconds)
+    assert pcm == whole
+    assert reads[0] == (0, BLOB_HEAD_BYTES) and len(reads) >= 4  # the head, then parts of 1 MB
+    assert [start for start, _ in reads[1:]] == [end for _, end in reads[:-1]]  # in order, each once
+    assert reads[-1][1] == len(long_mp3)
+    assert max(end - start for start, end in reads) <= BLOB_PART_BYTES
+
+
+def test_an_audio_blob_deleted_while_it_is_read_fails_its_utterance_with_the_reason(
+        redis_client: redis.Redis, long_mp3: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, sender = _audio_room(redis_client, "gone", long_mp3, pacing="burst")
+
+    def deleted_after_the_first_part(n: int) -> None:
+        if n == 1:
+            redis_client.delete(keys.blob("a1"))
+
+    reads = _ranges(store, monkeypatch, deleted_after_the_first_part)
+    assert sender.drain() == 2  # the utterance failed; the text after it went on
+    a1 = store.utterance("a1")
+    got = BLOB_HEAD_BYTES + BLOB_PART_BYTES
+    assert a1["state"] == "failed"
+    assert a1["error"].startswith(f"the audio blob went away while it was read: {got} of {len(long_mp3)} bytes")
+    assert len(reads) == 3  # the head, the part read before it went, and the read that found it gone
+    assert store.utterance("t1")["state"] == "sent"
+    assert a1["error"].endswith("(cut mid-utterance: conversation.interrupt sent)")  # no done, ever
+    sent = [m["properties"] for m in wire(redis_client, "gone") if m.get("properties", {}).get("inference_id") == "a1"]
+    assert not any(p["done"] for p in sent)
+
+
+def test_a_redis_error_while_a_blob_is_read_fails_the_drain_not_the_utterance(
+        redis_client: redis.Redis, long_mp3: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a failed GET of the whole blob did: the drain is tried again and sends it all."""
+    store, sender = _audio_room(redis_client, "flaky", long_mp3, pacing="burst")
+
+    def connection_lost(n: int) -> None:
+        if n == 2:
+            raise redis.ConnectionError("Connection reset by peer")
+
+    _ranges(store, monkeypatch, connection_lost)
+    with pytest.raises(redis.ConnectionError):
+        sender.drain()
+    assert store.utterance("a1")["state"] == "sending"
+    monkeypatch.undo()
+    assert sender.drain() == 2
+    assert store.utterance("a1")["state"] == "sent" and store.utterance("t1")["state"] == "sent"
+    messages = [m for m in wire(redis_client, "flaky") if m["properties"].get("inference_id") == "a1"]
+    sent = b"".join(base64.b64decode(m["properties"]["audio"]) for m in messages)
+    settings = Settings()
+    whole = audio.convert(long_mp3, target_rate=24000, max_bytes=settings.max_audio_bytes,
+                          max_seconds=settings.max_audio_seconds)
+    assert sent[:len(whole)] == whole and messages[-1]["properties"]["done"]  # every chunk once, in order

@@ -614,3 +614,139 @@ def test_turning_the_spare_off_kills_and_reaps_it(
     assert spare.stdin.closed and audio._spare is None and spare.stdin not in audio._feeds
     audio.convert(data, target_rate=24000, **LIMITS)
     assert len(spawned) == 3 and audio._spare is None and not audio._starting  # off: no spare left behind
+
+
+# Bytes that arrive in parts ----------------------------------------------------------------------
+
+
+class Parts:
+    """The parts after ``head`` in sizes that cycle through ``sizes``; counts the parts taken, and
+    stops early after ``stop_after`` parts (the blob went away) or raises ``fail`` there."""
+
+    def __init__(self, data: bytes, sizes: tuple[int, ...], stop_after: int | None = None,
+                 fail: BaseException | None = None) -> None:
+        self.data, self.sizes, self.stop_after, self.fail = data, sizes, stop_after, fail
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        at = 0
+        while at < len(self.data):
+            if self.stop_after is not None and self.taken == self.stop_after:
+                if self.fail is not None:
+                    raise self.fail
+                return
+            size = self.sizes[self.taken % len(self.sizes)]
+            self.taken += 1
+            yield self.data[at:at + size]
+            at += size
+
+    def count(self, sizes: tuple[int, ...]) -> int:
+        at, n = 0, 0
+        while at < len(self.data):
+            at += self.sizes[n % len(self.sizes)]
+            n += 1
+        return n
+
+
+ODD_SIZES = (777, 4099, 1, 65537, 12345)
+
+
+def arriving(data: bytes, head: int = 9001, **kw: Any) -> tuple[audio.Arriving, Parts]:
+    rest = Parts(data[head:], ODD_SIZES, **kw)
+    return audio.Arriving(data[:head], len(data), rest), rest
+
+
+def feeders_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "echoq-ffmpeg-feed" and t.is_alive()]
+
+
+@pytest.mark.parametrize("head", [1001, 9001])
+@pytest.mark.parametrize(("ext", "codec"), [("mp3", "libmp3lame"), ("flac", "flac")])
+def test_bytes_arriving_in_parts_decode_to_the_same_pcm_as_the_whole_bytes(
+    tmp_path: Path, ext: str, codec: str, head: int, spawned: list[subprocess.Popen[bytes]], temp_files: list[str]
+) -> None:
+    src = write_wav(tmp_path / "s.wav", np.column_stack([tone(440, 44100, 3.0, 0.4), tone(660, 44100, 3.0, 0.3)]),
+                    44100)
+    data = encode(src, tmp_path / f"a.{ext}", codec).read_bytes()
+    whole = audio.convert(data, target_rate=24000, **LIMITS)
+    source, rest = arriving(data, head)
+    # 1001 bytes hold too little of the FLAC metadata to tell its format: joined, then piped as bytes
+    assert audio._streamable(source.head) == (ext == "mp3" or head > 8192)
+    assert audio.convert(source, target_rate=24000, **LIMITS) == whole
+    assert rest.taken == rest.count(ODD_SIZES)
+    assert len(spawned) == 2 and all(piped(p) for p in spawned)
+    assert temp_files == []  # the parts went through ffmpeg's stdin, never joined into a file
+    for proc in spawned:
+        assert_reaped(proc)
+
+
+def test_the_first_piece_of_arriving_bytes_comes_before_the_rest_has_arrived(
+    five_minutes: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    data = five_minutes.read_bytes()
+    rest = Parts(data[256 * 1024:], (64 * 1024,))
+    stream = audio.pcm_stream(audio.Arriving(data[:256 * 1024], len(data), rest), target_rate=24000, **LIMITS)
+    next(stream)
+    # ffmpeg takes its input as it decodes (the pipes hold 64 KB each): megabytes are still to come
+    assert rest.taken < rest.count((64 * 1024,))
+    stream.close()
+    assert_reaped(spawned[0])
+    assert feeders_alive() == []
+
+
+@pytest.mark.parametrize("kind", ["wav", "raw"])
+def test_arriving_bytes_that_do_not_go_through_a_pipe_are_joined_and_decode_the_same(
+    tmp_path: Path, stereo_440: Path, kind: str
+) -> None:
+    data = stereo_440.read_bytes() if kind == "wav" else tone(440, 16000, 1.0).astype("<i2").tobytes()
+    opts: dict[str, Any] = {"format": "raw", "source_rate": 16000} if kind == "raw" else {}
+    source, rest = arriving(data)
+    assert audio.convert(source, target_rate=24000, **opts, **LIMITS) == \
+        audio.convert(data, target_rate=24000, **opts, **LIMITS)
+    assert rest.taken == rest.count(ODD_SIZES)
+
+
+@pytest.mark.parametrize("ext", ["mp3", "flac", "wav"])
+def test_arriving_bytes_that_end_short_fail_the_decode_and_leave_nothing_running(
+    tmp_path: Path, stereo_440: Path, ext: str, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    data = stereo_440.read_bytes() if ext == "wav" else \
+        encode(stereo_440, tmp_path / f"a.{ext}", "libmp3lame" if ext == "mp3" else "flac").read_bytes()
+    source, _rest = arriving(data, stop_after=3)
+    got = 9001 + sum(ODD_SIZES[:3])
+    with pytest.raises(AudioError, match=f"^the audio blob went away while it was read: {got} of {len(data)} bytes$"):
+        audio.convert(source, target_rate=24000, **LIMITS)
+    for proc in spawned:
+        assert_reaped(proc)
+    assert feeders_alive() == []
+
+
+class Gone(Exception):
+    """What reading the next part raised (a connection lost, say)."""
+
+
+def test_an_error_reading_a_part_comes_out_of_the_decode_as_it_is(
+    tmp_path: Path, stereo_440: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    data = encode(stereo_440, tmp_path / "a.flac", "flac").read_bytes()
+    source, _rest = arriving(data, stop_after=2, fail=Gone("connection lost"))
+    ends: list[audio.Decoded] = []
+    with pytest.raises(Gone, match="connection lost"):
+        audio.convert(source, target_rate=24000, on_end=ends.append, **LIMITS)
+    assert ends == []  # never reported as a decode that merely stopped early
+    assert len(spawned) == 1 and piped(spawned[0])
+    assert_reaped(spawned[0])
+    assert feeders_alive() == []
+
+
+def test_arriving_bytes_over_the_size_limit_are_refused_without_reading_the_rest(
+    spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    class Untouchable:
+        def __iter__(self) -> Iterator[bytes]:
+            pytest.fail("the rest of an oversized file was read")
+
+    source = audio.Arriving(b"\xff\xfb\x90\x00" * 256, LIMITS["max_bytes"] + 1, Untouchable())
+    with pytest.raises(AudioError, match="too large"):
+        audio.convert(source, target_rate=24000, **LIMITS)
+    assert spawned == []

@@ -127,6 +127,13 @@ class MemoryStore:
     def blob(self, utterance_id: str) -> bytes | None:
         return self.blobs.get(utterance_id)
 
+    def blob_start(self, utterance_id: str, length: int) -> tuple[int | None, bytes]:
+        data = self.blobs.get(utterance_id)
+        return (len(data) or None, data[:length]) if data is not None else (None, b"")
+
+    def blob_range(self, utterance_id: str, start: int, end: int) -> bytes:
+        return self.blobs.get(utterance_id, b"")[start:end]
+
     def drop_blob(self, utterance_id: str) -> None:
         self.blobs.pop(utterance_id, None)
 
