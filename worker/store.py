@@ -645,14 +645,10 @@ class Store:
         v: Any = self.r.get(keys.blob(utterance_id))
         return bytes(v) if v is not None else None
 
-    def blob_size(self, utterance_id: str) -> int | None:
-        """The blob's length in bytes (STRLEN), or None when it has expired or is missing."""
-        size = int(self.r.strlen(keys.blob(utterance_id)))
-        return size or None  # STRLEN of a missing key is 0; a blob is never stored empty
-
     def blob_start(self, utterance_id: str, length: int) -> tuple[int | None, bytes]:
         """The blob's length (None when missing) and its first ``length`` bytes (all of it if it
-        is shorter), in one round trip and from the same moment."""
+        is shorter), in one round trip and from the same moment (STRLEN of a missing key is 0; a
+        blob is never stored empty)."""
         key = keys.blob(utterance_id)
         pipe = self.r.pipeline(transaction=True)
         pipe.strlen(key)
