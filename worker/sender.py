@@ -240,6 +240,9 @@ class Sender:
     def _finish_interrupt(self, gen: int, upto: int, done_seq: int) -> None:
         """Send ``conversation.interrupt`` and move the cursor past everything it covers."""
         t0 = time.monotonic()
+        # the room first (what the interrupt is for); the records after it, before the cursor
+        # moves: an owner dying in between leaves the interrupt to send again, never a record
+        self._announce_interrupt()
         # an utterance cut mid-way (here, or by a worker that died) is interrupted, not pending
         for entry in self.store.entries_after(self.cid, done_seq, count=1):
             if entry["seq"] <= upto:
@@ -247,7 +250,6 @@ class Sender:
                 if rec.get("state") == "sending":
                     self._mark_interrupted(entry)
         self._cut_playing(done_seq)
-        self._announce_interrupt()
         self._advance(max(done_seq, upto), 0, gen)
         self.gen = gen
         self.store.add_event(self.cid, {"type": "interrupt.sent", "upto": upto})
@@ -256,13 +258,19 @@ class Sender:
     def _cut_playing(self, done_seq: int, lookback: int = 32) -> None:
         """Utterances sent whole but not yet heard to the end (``sent``: no replica outcome yet)
         are cut by the interrupt too: they end ``interrupted``. Newest first, back to the first
-        one the replica finished (those that never reached the room are passed over)."""
+        one the replica finished (those that never reached the room, or ended interrupted
+        already, are passed over)."""
         first = max(0, done_seq - lookback)
-        for entry in reversed(self.store.entries_after(self.cid, first, count=done_seq - first)):
-            if not self.store.cut_playing(entry["utterance_id"]):
-                if (self.store.utterance(entry["utterance_id"]) or {}).get("state") in ("failed", "cancelled"):
-                    continue
-                return
+        entries = list(reversed(self.store.entries_after(self.cid, first, count=done_seq - first)))
+        # their states in one round trip: behind an interrupt there are often many cancelled ones
+        states = self.store.utterance_states([e["utterance_id"] for e in entries])
+        for entry, state in zip(entries, states, strict=True):
+            # passed over: never played, or ended already (the replica may have answered the
+            # interrupt, which goes out before this, for the one it was speaking)
+            if state in ("failed", "cancelled", "interrupted"):
+                continue
+            if state != "sent" or not self.store.cut_playing(entry["utterance_id"]):
+                return  # the replica finished it (or is just finishing it): nothing before it plays
             self.store.add_event(self.cid, {"type": "utterance.interrupted", "utterance_id": entry["utterance_id"],
                                             "seq": entry["seq"], "playing": True})
             metrics.utterance_finished("interrupted")

@@ -615,6 +615,13 @@ class Store:
             return None
         return {text(k): text(v) for k, v in raw.items()}
 
+    def utterance_states(self, utterance_ids: list[str]) -> list[str | None]:
+        """The ``state`` of each record (None without one), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for uid in utterance_ids:
+            pipe.hget(keys.utterance(uid), "state")
+        return [text(v) if v is not None else None for v in pipe.execute()]
+
     def start_utterance(self, utterance_id: str) -> int:
         """queued -> sending (1), already sending: a resume (2), or 0 when cancelled meanwhile."""
         return int(self._start(keys=[keys.utterance(utterance_id)], args=[f"{time.time():.6f}"]))

@@ -586,3 +586,31 @@ def test_a_redis_error_while_a_blob_is_read_fails_the_drain_not_the_utterance(
     whole = audio.convert(long_mp3, target_rate=24000, max_bytes=settings.max_audio_bytes,
                           max_seconds=settings.max_audio_seconds)
     assert sent[:len(whole)] == whole and messages[-1]["properties"]["done"]  # every chunk once, in order
+
+
+def test_an_interrupt_cuts_what_still_plays_past_the_cancelled_ones_in_one_look(redis_client: redis.Redis) -> None:
+    """Behind an interrupt there are often many cancelled utterances (the last interrupt's): their
+    states are read in one round trip, and only utterances still playing are cut, newest first,
+    back to the one the replica finished."""
+    uids = ["s1", "s2", "c3", "s4", *[f"x{i}" for i in range(20)]]
+    store, room = _held_room(redis_client, "cut", *uids)
+    for uid, state in [("s1", "spoken"), ("s2", "sent"), ("c3", "failed"), ("s4", "sent")]:
+        store.update_utterance(uid, state=state)
+    for i in range(20):
+        store.update_utterance(f"x{i}", state="cancelled")
+    assert store.move("c", "me", len(uids), 0, ttl_s=5).held  # everything sent or passed over
+    store.interrupt("c")
+    sender = Sender("c", store=store, transport=room, settings=Settings(), token="me", wake=threading.Event(),
+                    stopping=lambda: False)
+    real, cuts = store.cut_playing, []
+
+    def counted(uid: str) -> bool:
+        cuts.append(uid)
+        return real(uid)
+
+    store.cut_playing = counted  # type: ignore[method-assign]
+    sender.drain()
+    assert cuts == ["s4", "s2"]  # no call for the cancelled or failed ones, none past the spoken one
+    assert [store.utterance(u)["state"] for u in ("s1", "s2", "c3", "s4")] == ["spoken", "interrupted", "failed",
+                                                                                "interrupted"]
+    assert [m["event_type"] for m in wire(redis_client, "cut")] == ["conversation.interrupt"]
