@@ -2,7 +2,9 @@
 
 Every subcommand runs on a dedicated Redis database (ECHOQ_BENCH_REDIS_URL, default
 redis://127.0.0.1:6379/8, flushed first and after), repeats its measurement --repeats times and
-prints min / median / max of each figure with the load average before and after.
+prints min / median / max of each figure with the load average before and after. The worker's
+log goes to out/bench/worker.log at ECHOQ_BENCH_LOG_LEVEL (default WARNING; INFO shows each
+step of each utterance with its timing).
 
 ``delivery``  one real worker process (threads pool, 8 threads), loopback rooms that do not
               wait for a replica, burst pacing: --audio-seconds of 24 kHz audio on each of
@@ -39,7 +41,9 @@ prints min / median / max of each figure with the load average before and after.
               --samples per repeat (each utterance is interrupted once its first chunk is out).
               Beside them, converting the 10-minute MP3 to 24 kHz s16le mono three ways: the
               ffmpeg CLI (the whole process), pydub, and echoq's ``audio.convert``; and the
-              ratio of echoq's speed to the ffmpeg CLI's.
+              ratio of echoq's speed to the ffmpeg CLI's. And the floors on this machine: reading
+              the file, a bare SET of its bytes, an ffmpeg started on it until its first 4 KB of
+              output, and one started ahead and fed through its stdin.
 
     .venv/bin/python scripts/bench.py delivery [--repeats 3] [--burst-conversations 4]
     .venv/bin/python scripts/bench.py enqueue [--repeats 3] [--count 2000] [--batch 200]
@@ -53,6 +57,7 @@ prints min / median / max of each figure with the load average before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -186,7 +191,7 @@ class Bench:
     def start_worker(self, threads: int = 8, **env_extra: str) -> int:
         """Start one more worker process (the first is named WORKER_NAME); returns its pid."""
         name = WORKER_NAME if not self.workers else WORKER_NAME.replace("@", f"{len(self.workers)}@")
-        env = {**os.environ, "ECHOQ_REDIS_URL": BENCH_URL, "ECHOQ_LOG_LEVEL": "WARNING",
+        env = {**os.environ, "ECHOQ_REDIS_URL": BENCH_URL, "ECHOQ_LOG_LEVEL": os.environ.get("ECHOQ_BENCH_LOG_LEVEL", "WARNING"),
                "ECHOQ_SCAN_INTERVAL_S": "0.5", "ECHOQ_MAX_SESSIONS": "200", **env_extra}
         log_name = "worker.log" if not self.workers else f"worker{len(self.workers)}.log"
         proc = subprocess.Popen(
@@ -663,11 +668,60 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
         five = figs.values[f"enqueue -> first chunk, 5-s MP3, {ratio}, median ms"]
         for a, c in zip(ten, five, strict=True):
             figs.add(f"first chunk, 10-min / 5-s, {ratio}", a / c)
+    floors(clips["10-min MP3"], args.repeats, args.samples, figs)
     conversion(clips["10-min MP3"], args.repeats, figs)
     print(f"{args.samples} samples per figure and repeat, {args.repeats} repeats (each figure: the median of a "
           "repeat's samples, then min / median / max over repeats):")
     figs.print()
     print(f"load average after: {loadavg()}")
+
+
+def floors(clip: Path, repeats: int, samples: int, figs: Figures) -> None:
+    """What the figures above cannot go below on this machine: reading the 10-minute MP3 and a
+    bare SET of its bytes (the play() call's floor); an ffmpeg process started on the file and
+    one started earlier, waiting on its stdin, each until its first 4 KB of decoded output."""
+    r = redis.Redis.from_url(BENCH_URL)
+    args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", str(clip), "-map", "0:a:0",
+            "-f", "wav", "-c:a", "pcm_f32le", "pipe:1"]
+    piped = [a if a != str(clip) else "pipe:0" for a in args if a != "-nostdin"]
+    for _ in range(repeats):
+        reads, sets, cold, warm = [], [], [], []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            data = clip.read_bytes()
+            t1 = time.perf_counter()
+            r.set("bench:floor", data)
+            t2 = time.perf_counter()
+            r.delete("bench:floor")
+            reads.append((t1 - t0) * 1000)
+            sets.append((t2 - t1) * 1000)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+            assert proc.stdout is not None and len(proc.stdout.read(4096)) == 4096
+            cold.append((time.perf_counter() - t0) * 1000)
+            proc.kill()
+            proc.wait()
+            proc = subprocess.Popen(piped, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            time.sleep(0.3)  # started ahead of need
+
+            def feed(p: subprocess.Popen[bytes] = proc, d: bytes = data) -> None:
+                with contextlib.suppress(OSError):
+                    assert p.stdin is not None
+                    p.stdin.write(d)
+                    p.stdin.close()
+
+            t0 = time.perf_counter()
+            feeder = threading.Thread(target=feed)
+            feeder.start()
+            assert proc.stdout is not None and len(proc.stdout.read(4096)) == 4096
+            warm.append((time.perf_counter() - t0) * 1000)
+            proc.kill()
+            proc.wait()
+            feeder.join()
+        figs.add("read the 10-min MP3 file, median ms", statistics.median(reads))
+        figs.add("SET of its 9.6 MB alone (play()'s floor), median ms", statistics.median(sets))
+        figs.add("ffmpeg started on the file -> first 4 KB, median ms", statistics.median(cold))
+        figs.add("ffmpeg started ahead, fed stdin -> first 4 KB, median ms", statistics.median(warm))
 
 
 def conversion(clip: Path, repeats: int, figs: Figures) -> None:
