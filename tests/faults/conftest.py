@@ -30,14 +30,29 @@ from tests.integration.conftest import FAST_ENV, Workers, running_simulator, wai
 
 REPORT_ENV = "ECHOQ_FAULTS_REPORT"
 #: how a fault test's workers pace: 25 messages a second on the sender's own thread (burst pacing
-#: with a cap), or real time on the pacing loop (one thread per worker sends every room's audio)
+#: with a cap), or real time on the pacing loop (one thread per worker sends every room's audio),
+#: or burst pacing with no cap, where back-to-back texts go in one script and audio chunks 8 to a
+#: round trip ("batched": its room is slowed instead, see room_url)
 PACINGS: dict[str, dict[str, str]] = {"capped": {"ECHOQ_MAX_MESSAGES_PER_SECOND": "25"},
-                                      "loop": {"ECHOQ_PACING": "realtime"}}
+                                      "loop": {"ECHOQ_PACING": "realtime"},
+                                      "batched": {}}
+
+
+def room_url(room: str, pacing: str) -> str:
+    """The loopback URL of ``room`` for a pacing: with no cap, each message takes 20 ms to go
+    (the room's own delay), so a fault lands mid-utterance and mid-batch."""
+    return f"loopback://{room}" + ("?send_delay=0.02" if pacing == "batched" else "")
 
 
 def loop_paced(workers: Workers) -> int:
     """How many utterances the workers' pacing loops took (their logs say so)."""
     return sum(w.log().count("pacing.took") for w in workers.started)
+
+
+def batch_sent(workers: Workers) -> int:
+    """How many text utterances went in the one-script way (their ``utterance.sent`` says how
+    many went with them)."""
+    return sum(w.log().count(" batch=") for w in workers.started)
 
 
 def _free_port() -> int:

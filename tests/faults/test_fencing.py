@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
+from tests.faults.conftest import PACINGS, Rig, batch_sent, loop_paced, room_url, wait_for
 from tests.faults.judge import expected_chunks, judge, noise_wav, sent
 from worker import keys
 
@@ -31,11 +31,12 @@ def _enqueue(rig: Rig, kind: str) -> list[tuple[str, Any]]:
     ("text", "while-new-owner-sends", "capped"), ("text", "after-new-owner-finished", "capped"),
     ("audio", "while-new-owner-sends", "capped"), ("audio", "after-new-owner-finished", "capped"),
     ("audio", "while-new-owner-sends", "loop"),
+    ("text", "while-new-owner-sends", "batched"), ("audio", "while-new-owner-sends", "batched"),
 ])
 def test_owner_frozen_past_its_lease_sends_nothing_when_resumed(rig: Rig, figures: dict[str, Any], kind: str,
                                                                  resume: str, pacing: str) -> None:
     rig.start_workers(2, **PACINGS[pacing])
-    rig.client.open("conv", "loopback://room")
+    rig.client.open("conv", room_url("room", pacing))
     expected = _enqueue(rig, kind)
     wait_for(lambda: len(sent(rig.client_redis, "room")) >= 10, 30, what="10 messages on the wire")
     victim = rig.workers.owner("conv")
@@ -68,8 +69,9 @@ def test_owner_frozen_past_its_lease_sends_nothing_when_resumed(rig: Rig, figure
     from_resumed = [s for s in stream[frozen_after:] if s.origin == token.decode()]
     verdict = judge(stream, expected)
     assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
-    figures.update(fault=f"SIGSTOP of the owner past its lease ({kind}), SIGCONT {resume.replace('-', ' ')}"
-                         f"{' (real-time pacing loop)' if pacing == 'loop' else ''}",
+    assert pacing != "batched" or batch_sent(rig.workers) > 0, "no text went the one-script way"
+    mode = {"loop": " (real-time pacing loop)", "batched": " (burst, batched round trips)"}.get(pacing, "")
+    figures.update(fault=f"SIGSTOP of the owner past its lease ({kind}), SIGCONT {resume.replace('-', ' ')}{mode}",
                    workers=2, from_resumed=len(from_resumed), recovery_s=round(recovered_s, 2), **verdict.figures())
     assert from_resumed == [], f"the resumed worker sent {len(from_resumed)} message(s)"
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
+from tests.faults.conftest import PACINGS, Rig, loop_paced, room_url, wait_for
 from tests.faults.judge import Verdict, expected_chunks, judge, noise_wav, sent
 from worker.errors import BackendUnavailable
 
@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.faults]
 ROOMS = ("r0", "r1")
 
 
-def _enqueue(rig: Rig) -> dict[str, list[tuple[str, Any]]]:
+def _enqueue(rig: Rig, pacing: str = "capped") -> dict[str, list[tuple[str, Any]]]:
     """Two conversations, each with audio and text, paced so the fault lands mid-utterance."""
     out: dict[str, list[tuple[str, Any]]] = {}
     for n, room in enumerate(ROOMS):
-        rig.client.open(f"conv-{room}", f"loopback://{room}")
+        rig.client.open(f"conv-{room}", room_url(room, pacing))
         items: list[tuple[str, Any]] = []
         for i in range(2):
             clip = noise_wav(rig.tmp / f"{room}-{i}.wav", 1.6, seed=10 * n + i)
@@ -64,11 +64,11 @@ def _dead_logs(procs: list[Any]) -> str:
 
 
 @pytest.mark.parametrize(("outage_s", "workers", "pacing"),
-                         [(3, 1, "capped"), (3, 2, "capped"), (12, 2, "capped"), (3, 2, "loop")])
+                         [(3, 1, "capped"), (3, 2, "capped"), (12, 2, "capped"), (3, 2, "loop"), (3, 2, "batched")])
 def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures: dict[str, Any], outage_s: int,
                                                                workers: int, pacing: str) -> None:
     procs = rig.start_workers(workers, **PACINGS[pacing])
-    expected = _enqueue(rig)
+    expected = _enqueue(rig, pacing)
     wait_for(lambda: all(len(sent(rig.client_redis, r)) >= 8 for r in ROOMS), 30, what="both rooms to be mid-way")
     rig.redis.shutdown()  # SHUTDOWN: the AOF is written, then Redis exits
     down_at = time.monotonic()
@@ -91,7 +91,8 @@ def test_redis_shutdown_and_restart_workers_stay_up_and_resume(rig: Rig, figures
 
     verdict = _verdict(rig, expected)
     assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
-    figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s{' (real-time pacing loop)' if pacing == 'loop' else ''}",
+    mode = {"loop": " (real-time pacing loop)", "batched": " (burst, batched round trips)"}.get(pacing, "")
+    figures.update(fault=f"Redis SHUTDOWN (AOF everysec), restarted after {outage_s} s{mode}",
                    workers=workers,
                    outage_s=round(outage, 1), note="workers stayed up; producers got BackendUnavailable meanwhile",
                    resumed_after_s=_resumed_after(rig, back_at),

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from tests.faults.conftest import PACINGS, Rig, loop_paced, wait_for
+from tests.faults.conftest import PACINGS, Rig, batch_sent, loop_paced, room_url, wait_for
 from tests.faults.judge import expected_chunks, judge, noise_wav, pace, sent
 
 pytestmark = [pytest.mark.redis, pytest.mark.faults]
 
 
 
-def _enqueue(rig: Rig, clips: int = 3) -> list[tuple[str, Any]]:
-    rig.client.open("conv", "loopback://room")
+def _enqueue(rig: Rig, clips: int = 3, pacing: str = "capped") -> list[tuple[str, Any]]:
+    rig.client.open("conv", room_url("room", pacing))
     out: list[tuple[str, Any]] = []
     for i in range(clips):
         clip = noise_wav(rig.tmp / f"c{i}.wav", 1.6, seed=20 + i)
@@ -30,11 +30,12 @@ def _delivered(rig: Rig, expected: list[tuple[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize(("victims", "pacing"),
-                         [("owner", "capped"), ("both-then-a-fresh-worker", "capped"), ("owner", "loop")])
+                         [("owner", "capped"), ("both-then-a-fresh-worker", "capped"), ("owner", "loop"),
+                          ("owner", "batched")])
 def test_kill_9_mid_utterance_repeats_at_most_the_chunk_in_flight(rig: Rig, figures: dict[str, Any],
                                                                   victims: str, pacing: str) -> None:
     procs = rig.start_workers(2, **PACINGS[pacing])
-    expected = _enqueue(rig)
+    expected = _enqueue(rig, pacing=pacing)
     wait_for(lambda: len(sent(rig.client_redis, "room")) >= 15, 30, what="the first utterance to be mid-way")
     owner = rig.workers.owner("conv")
     assert owner is not None
@@ -51,8 +52,10 @@ def test_kill_9_mid_utterance_repeats_at_most_the_chunk_in_flight(rig: Rig, figu
     verdict = judge(stream, expected)
     resumed = next(s.ms / 1000 for s in stream[before:] if not s.origin.startswith(tuple(w.name for w in killed)))
     assert pacing != "loop" or loop_paced(rig.workers) > 0, "the pacing loop sent none of it"
+    assert pacing != "batched" or batch_sent(rig.workers) > 0, "no text went the one-script way"
     figures.update(fault=f"kill -9 of {'the owner' if victims == 'owner' else 'both workers, then one fresh worker'}"
-                         f"{' (real-time pacing loop)' if pacing == 'loop' else ''}",
+                         f"{' (real-time pacing loop)' if pacing == 'loop' else ''}"
+                         f"{' (burst, batched round trips)' if pacing == 'batched' else ''}",
                    workers=2, recovery_s=round(resumed - killed_at, 2), **verdict.figures())
     assert (verdict.lost, verdict.reordered, verdict.interleaved, verdict.reused, verdict.bad_ends) == (0, 0, 0, 0, 0), \
         verdict.problems
