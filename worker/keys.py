@@ -26,6 +26,12 @@ SIMULATOR_ALIVE = f"{PREFIX}:simulator:alive"
 WORKERS = f"{PREFIX}:workers"
 
 
+def interrupts_channel(db: int) -> str:
+    """The pub/sub channel an interrupt's conversation id is published on, so its owner looks at
+    once (channels are shared by every database of a server: this one's number is in the name)."""
+    return f"{PREFIX}:interrupts:{db}"
+
+
 def conv_queue(conversation_id: str) -> str:
     """The Celery queue only the owner of a conversation consumes."""
     return f"echoq.conv.{conversation_id}"

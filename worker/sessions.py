@@ -17,6 +17,7 @@ adopted first, idle ones before busy ones, each between two utterances, with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -39,7 +40,7 @@ from .logs import ms_since, step
 from .pacing import Handed, Owner, PacingLoop
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
-from .store import Store
+from .store import Store, text
 from .streams import HandOver
 from .transports import Transport, open_transport
 from .transports.base import REPLICA_JOINED, REPLICA_LEFT
@@ -225,7 +226,8 @@ class SessionManager:
     # lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for target, name in ((self._supervise, "echoq-supervisor"), (self._handle_events, "echoq-room-events")):
+        for target, name in ((self._supervise, "echoq-supervisor"), (self._handle_events, "echoq-room-events"),
+                             (self._listen_for_interrupts, "echoq-interrupts")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -261,6 +263,30 @@ class SessionManager:
             raise failed[0]
         self.redis.hdel(keys.WORKERS, self.hostname)
         step(log, "worker.stopped", worker=self.hostname)
+
+    def _listen_for_interrupts(self) -> None:
+        """Poke a conversation held here as soon as an interrupt for it is published (the
+        interrupt script does): otherwise its sender finds the interrupt at its next message (a
+        chunk interval later, in real time) or when the Celery doorbell comes, which waits behind
+        the conversation's queued doorbells. A hint only: one missed while Redis is away changes
+        how soon, not what is sent."""
+        channel = keys.interrupts_channel(self.store.db)
+        while not self._stop.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        session = self.sessions.get(text(message["data"]))
+                        if session is not None:
+                            session.poke()
+            except Exception as exc:  # Redis away, or the client closed under it at shutdown
+                log.debug("interrupt channel: %s", exc)
+                self._stop.wait(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
 
     # ownership -----------------------------------------------------------------------------
 

@@ -86,8 +86,9 @@ end
 return out
 """
 
-# KEYS: conversation, log, cursor, events ; ARGV: now
-# Cancels every queued entry after the cursor and bumps the interrupt generation.
+# KEYS: conversation, log, cursor, events ; ARGV: now, channel, conversation id
+# Cancels every queued entry after the cursor and bumps the interrupt generation; the conversation
+# id goes out on the interrupts channel, for its owner to look at once (a hint: see sessions).
 _INTERRUPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local upto = redis.call('LLEN', KEYS[2])
@@ -105,6 +106,7 @@ redis.call('HSET', KEYS[1], 'interrupt_upto', upto)
 local gen = redis.call('HINCRBY', KEYS[1], 'interrupt_gen', 1)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'data',
   cjson.encode({type='interrupt.requested', upto=upto, cancelled=cancelled, ts=tonumber(ARGV[1])}))
+redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {gen, cancelled}
 """
 
@@ -382,6 +384,8 @@ class Store:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        #: the database number of the client (pub/sub channels are not per database)
+        self.db = int(client.connection_pool.connection_kwargs.get("db") or 0)
         self._enqueue = client.register_script(_ENQUEUE)
         self._enqueue_many = client.register_script(_ENQUEUE_MANY)
         self._interrupt = client.register_script(_INTERRUPT)
@@ -603,7 +607,7 @@ class Store:
                 keys.conv_cursor(conversation_id),
                 keys.conv_events(conversation_id),
             ],
-            args=[f"{time.time():.6f}"],
+            args=[f"{time.time():.6f}", keys.interrupts_channel(self.db), conversation_id],
         )
         return int(gen), int(cancelled)
 

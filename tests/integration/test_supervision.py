@@ -177,3 +177,24 @@ def test_a_shed_conversation_mid_utterance_goes_only_between_two_utterances(
     session.mid_utterance = False  # its last piece is out
     assert session.sender.stopping()
     assert not held[first].sender.stopping()
+
+
+def test_an_interrupt_is_pushed_to_its_owner_which_pokes_the_room_at_once(
+    made: list[SessionManager], redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interrupt script publishes the conversation id; the owner's listener pokes that session
+    (and no other), without waiting for the room's next message or the Celery doorbell."""
+    mgr, held = holding(made, redis_client, 2, "push")
+    poked: list[str] = []
+    for cid, session in held.items():
+        monkeypatch.setattr(session, "poke", lambda cid=cid: poked.append(cid))
+    mgr.start()
+    wait_for(lambda: any(t.name == "echoq-interrupts" for t in threading.enumerate()), 10, what="the listener")
+    wait_for(lambda: redis_client.pubsub_numsub(keys.interrupts_channel(mgr.store.db))[0][1] >= 1, 10,
+             what="the listener to subscribe")
+    mgr.store.interrupt("push-001")
+    wait_for(lambda: poked == ["push-001"], 10, what="the owner to poke the interrupted room")
+    assert redis_client.publish(keys.interrupts_channel(mgr.store.db + 1), "push-000") == 0  # another database's
+    mgr.store.interrupt("push-001")
+    wait_for(lambda: len(poked) == 2, 10, what="the second interrupt's poke")
+    assert poked == ["push-001", "push-001"]  # nothing for the same id in another database
