@@ -73,11 +73,15 @@ class WorkerProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        return self.stopped(timeout)
+
+    def stopped(self, timeout: float = 30.0) -> int:
+        """Wait for the process to end (killed after ``timeout``); its exit status."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         return int(self.proc.returncode)
 
 
@@ -115,8 +119,12 @@ class Workers:
         return next((w for w in self.started if w.name == name), None)
 
     def stop_all(self) -> None:
+        """SIGTERM to every worker at once, then wait for each: their warm shutdowns overlap."""
         for w in self.started:
-            w.stop()
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in self.started:
+            w.stopped()
 
 
 @pytest.fixture
