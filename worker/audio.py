@@ -330,7 +330,8 @@ def _file_stream(
     source: Source | Arriving, format: str | None, target_rate: int, max_bytes: int, max_seconds: float,
     block_bytes: int, expected_s: float | None, on_end: Callable[[Decoded], None] | None,
 ) -> Generator[bytes, None, None]:
-    with _decoder(source, format, max_bytes) as (proc, stderr, fed):
+    header = _header(source)  # once: which way it goes to ffmpeg, and an MP3's exact length
+    with _decoder(source, format, max_bytes, header) as (proc, stderr, fed):
         try:
             rate, ch = _pipe_header(proc, stderr)
 
@@ -350,7 +351,7 @@ def _file_stream(
                     on_end(Decoded(frames / rate, _early_stop(frames / rate, expected_s, reason)))
 
             blocks = _read_frames(_Checked(proc.stdout, fed), ch, _F32, block_bytes)
-            exact = _mp3_samples(source)
+            exact = _mp3_samples(header)
             if exact is not None and rate == exact[1]:
                 blocks = _first_frames(blocks, exact[0])
             # The limit is checked on decoded samples, never on the container's duration, which can lie.
@@ -362,24 +363,30 @@ def _file_stream(
         raise AudioError("audio is empty: no samples after decoding")
 
 
-def _mp3_samples(source: Source | Arriving) -> tuple[int, int] | None:
-    """``(samples, rate)`` an MP3 in ``source`` holds by its header's count (Xing/LAME: the
-    encoder's delay and padding taken off), for bytes that go through ffmpeg's stdin: from a file
-    ffmpeg trims the end padding itself, from a pipe it does not, so the pipe's output is cut here
-    to the same samples. None for anything else."""
+def _header(source: Source | bytearray | memoryview | Arriving) -> Header | None:
+    """What the header of bytes (of an arriving file: of its first part) says; None for a path
+    or what the header check refuses."""
     if isinstance(source, Arriving):
-        data = source.head  # the header is in the first frame
+        data = source.head  # an MP3's Xing/LAME header is in its first frame
     elif isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:
         return None
     try:
-        head = look(data)
+        return look(data)
     except AudioError:
         return None
-    if head.format != "mp3" or head.estimated or head.duration_s is None or not head.sample_rate:
+
+
+def _mp3_samples(header: Header | None) -> tuple[int, int] | None:
+    """``(samples, rate)`` an MP3 holds by its header's count (Xing/LAME: the encoder's delay
+    and padding taken off), for bytes that go through ffmpeg's stdin: from a file ffmpeg trims the
+    end padding itself, from a pipe it does not, so the pipe's output is cut here to the same
+    samples. None for anything else."""
+    if header is None or header.format != "mp3" or header.estimated or header.duration_s is None \
+            or not header.sample_rate:
         return None
-    return round(head.duration_s * head.sample_rate), head.sample_rate
+    return round(header.duration_s * header.sample_rate), header.sample_rate
 
 
 def _first_frames(blocks: Iterator[np.ndarray], count: int) -> Iterator[np.ndarray]:
@@ -527,7 +534,8 @@ def _fed_well() -> None:
 
 
 @contextmanager
-def _decoder(source: Source | Arriving, format: str | None, max_bytes: int) -> Iterator[_Decoding]:
+def _decoder(source: Source | Arriving, format: str | None, max_bytes: int,
+             header: Header | None) -> Iterator[_Decoding]:
     """ffmpeg decoding ``source``, the file its stderr goes to, and a check that raises what
     went wrong feeding it its input (input that arrives in parts and went away mid-way); killed
     and reaped on exit.
@@ -540,7 +548,8 @@ def _decoder(source: Source | Arriving, format: str | None, max_bytes: int) -> I
         raise AudioError("audio is empty: 0 bytes")
     if isinstance(source, Arriving):
         parts: Iterable[bytes] = _parts(source)
-    elif isinstance(source, bytes | bytearray | memoryview) and _pipeable(source):
+    elif isinstance(source, bytes | bytearray | memoryview) and header is not None \
+            and header.format in PIPE_FORMATS:
         parts = (source,)
     else:
         with _as_path(source, format, max_bytes) as path, _ffmpeg(path) as (proc, stderr):
@@ -557,10 +566,8 @@ def _decoder(source: Source | Arriving, format: str | None, max_bytes: int) -> I
 def _pipeable(data: bytes | bytearray | memoryview) -> bool:
     """Whether ffmpeg can decode ``data`` from a pipe: its content (not its name) is one of
     :data:`PIPE_FORMATS`. What the header check refuses goes the file's way, which words the error."""
-    try:
-        return look(bytes(data)).format in PIPE_FORMATS
-    except AudioError:
-        return False
+    header = _header(data)
+    return header is not None and header.format in PIPE_FORMATS
 
 
 @contextmanager

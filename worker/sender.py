@@ -436,9 +436,7 @@ class Sender:
 
         answer = self._record(send, "text utterances")
         if not answer.held:
-            metrics.send_fenced()
-            step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
-            raise LeaseLost(f"lease on conversation {self.cid} lost")
+            raise self._fenced_out()
         if not answer.done:  # nothing was written; the drain sends conversation.interrupt first
             raise Interrupted()
         self.pacer.sent()
@@ -603,20 +601,21 @@ class Sender:
         except RetryableError as exc:
             metrics.send_retry(type(exc).__name__)
             raise NeedsThread(f"{type(exc).__name__}: {exc}") from exc
+        return PreparedChunk(self._piece_call(entry, index, last, append), time.monotonic())
+
+    def _piece_call(self, entry: dict[str, Any], index: int, last: bool, append: RoomAppend) -> MoveCall:
+        """The fenced cursor move of piece ``index`` that also writes it into its room (refused
+        when an interrupt came since this sender last looked)."""
         move = self._piece_move(entry, index, last, _RECORD_EVERY)
-        call = MoveCall(self.cid, self.token, move.seq, move.chunk, None, self.epoch, self.settings.lease_ttl_s,
+        return MoveCall(self.cid, self.token, move.seq, move.chunk, None, self.epoch, self.settings.lease_ttl_s,
                         move.utterance_id, move.chunks_sent, append, self.gen)
-        return PreparedChunk(call, time.monotonic())
 
     def commit_paced_chunk(self, entry: dict[str, Any], prepared: PreparedChunk, moved: Moved) -> None:
         """The answer to a prepared chunk's move: the checks of :meth:`_advance` and the
         bookkeeping of a sent message."""
-        if moved.held:
-            self.fence.renewed(prepared.requested)
-        else:
-            metrics.send_fenced()
-            step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
-            raise LeaseLost(f"lease on conversation {self.cid} lost")
+        if not moved.held:
+            raise self._fenced_out()
+        self.fence.renewed(prepared.requested)
         if not moved.done or (moved.gen > self.gen and prepared.call.chunk):
             raise Interrupted()
         self.pacer.sent()
@@ -694,26 +693,15 @@ class Sender:
                     append = self.transport.prepare_append(self._audio_message(entry, pcm, last))
                 except (MessageTooLarge, RetryableError):
                     break
-                move = self._piece_move(entry, index, last, _RECORD_EVERY)
-                calls.append(MoveCall(self.cid, self.token, move.seq, move.chunk, None, self.epoch,
-                                      self.settings.lease_ttl_s, move.utterance_id, move.chunks_sent, append,
-                                      self.gen))
+                calls.append(self._piece_call(entry, index, last, append))
         if calls:
             requested = time.monotonic()
             answers = self._record(functools.partial(self.store.move_many, calls), "cursor")
-            for (index, _pcm, last), moved in zip(batch, answers, strict=False):
-                if not moved.held:
-                    metrics.send_fenced()
-                    step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
-                    raise LeaseLost(f"lease on conversation {self.cid} lost")
-                self.fence.renewed(requested)
-                if not moved.done:  # refused with everything after it: an interrupt came
-                    raise Interrupted()
-                metrics.message_sent("audio", time.monotonic() - requested)
-                self._note_first(entry)
+            for (index, _pcm, last), call, moved in zip(batch, calls, answers, strict=False):
+                # a refusal (lease lost, an interrupt) refuses every chunk after it too
+                self.commit_paced_chunk(entry, PreparedChunk(call, requested), moved)
                 if progress is not None:
                     progress(uid, index + 1, total if not last else index + 1)
-            self.pacer.sent()
         for index, pcm, last in batch[len(calls):]:
             self._send_moving(functools.partial(put, pcm, last), self._piece_move(entry, index, last, _RECORD_EVERY))
             if progress is not None:
@@ -765,8 +753,7 @@ class Sender:
         moved = self._record(move, "cursor")
         if not moved.held:
             if append is not None:  # the message was refused with the move: fenced in Redis itself
-                metrics.send_fenced()
-                step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
+                raise self._fenced_out()
             raise LeaseLost(f"lease on conversation {self.cid} lost")
         if not moved.done or (moved.gen > self.gen and chunk):
             raise Interrupted()
@@ -791,9 +778,13 @@ class Sender:
                 break
             if self.fence.is_open():
                 return
+        raise self._fenced_out(" before a send: nothing sent")
+
+    def _fenced_out(self, detail: str = "") -> LeaseLost:
+        """A send refused for a lease that is gone, counted and logged: the error to raise."""
         metrics.send_fenced()
         step(log, "send.fenced", logging.WARNING, conversation=self.cid, token=self.token)
-        raise LeaseLost(f"lease on conversation {self.cid} lost before a send: nothing sent")
+        return LeaseLost(f"lease on conversation {self.cid} lost{detail}")
 
     def _wait_until(self, due: float, *, interruptible: bool = True) -> None:
         """Wait for ``due`` (monotonic). A wake-up (an interrupt, a stop) is looked at at once and
