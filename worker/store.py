@@ -9,9 +9,11 @@ moves are fenced by the lease token, so a worker that lost its lease cannot move
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +131,9 @@ end
 """
 
 # A room that is a Redis stream takes each send once: a send whose reply was lost is retried with
-# the same send id, and the stream's newest entries are looked at for it first.
+# the same send id, and the stream's newest entries are looked at for it first. Only such a retry
+# looks (the caller knows which calls lost their reply): reading back 8 messages of ~3 KB into Lua
+# cost about 120 us of Redis's time on every call, most of what a paced chunk costs Redis.
 SENT_BEFORE = """
 local function sent_before(stream, send_id)
   for _, entry in ipairs(redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 8)) do
@@ -146,7 +150,7 @@ end
 # write when the room is a Redis stream, the cursor move and the record's running count.
 # KEYS: lease, conversation, cursor, utterance, room stream
 # ARGV: token, epoch-or-"", ttl-ms-or-"", seq, chunk, gen-or-"", refuse-above-gen-or-"",
-#       chunks_sent-or-"", data-or-"", origin, send id
+#       chunks_sent-or-"", data-or-"", origin, send id, "1" when a call with this send id lost its reply
 # Returns {held, interrupt_gen, moved}: {0, 0, 0} when the lease is lost (nothing written);
 # {1, gen, 0} when an interrupt newer than ARGV[7] came (nothing written: the message is not
 # sent); else {1, gen, 1}. A retried call whose message is in the room already appends nothing
@@ -157,7 +161,7 @@ local current = tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')
 local data = ARGV[9]
 -- a retry after a lost reply: the first call wrote the message and moved the cursor with it, and
 -- later moves may have passed that since (a batch retried whole): the cursor is left where it is
-if data ~= '' and sent_before(KEYS[5], ARGV[11]) then return {1, current, 1} end
+if data ~= '' and ARGV[12] == '1' and sent_before(KEYS[5], ARGV[11]) then return {1, current, 1} end
 if data ~= '' and ARGV[7] ~= '' and current > tonumber(ARGV[7]) then return {1, current, 0} end
 if data ~= '' then
   redis.call('XADD', KEYS[5], '*', 'data', data, 'origin', ARGV[10], 'send_id', ARGV[11])
@@ -175,7 +179,8 @@ return {1, current, 1}
 # writes nothing.
 # KEYS: lease, conversation, cursor, room stream, events, then per item: utterance
 # ARGV: token, epoch-or-"", ttl-ms, refuse-above-gen, origin, now, n,
-#       then per item: seq, data, send id, "sending" event json, "sent" event json
+#       then per item: seq, data, send id, "sending" event json, "sent" event json,
+#       then "1" when a call with these send ids lost its reply (only then is the room looked at)
 # Returns {0, 0, 0} when the lease is lost (nothing written); {1, gen, 0} when an interrupt newer
 # than ARGV[4] came (nothing written); else {1, gen, 1, state1, ...}: each item's state after
 # (sent, or the replica's outcome when it came first), "" for one passed over.
@@ -184,10 +189,12 @@ if not lease_held(ARGV[1], ARGV[2], ARGV[3]) then return {0, 0, 0} end
 local current = tonumber(redis.call('HGET', KEYS[2], 'interrupt_gen') or '0')
 local n = tonumber(ARGV[7])
 local seen = {}
-for _, entry in ipairs(redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', n + 8)) do
-  local f = entry[2]
-  for i = 1, #f, 2 do
-    if f[i] == 'send_id' then seen[f[i + 1]] = true end
+if ARGV[8 + 5 * n] == '1' then
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', n + 8)) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'send_id' then seen[f[i + 1]] = true end
+    end
   end
 end
 local out = {1, current, 1}
@@ -331,12 +338,14 @@ class MoveCall:
                 keys.utterance(self.utterance_id) if self.utterance_id else cursor_key,
                 self.append.stream if self.append else cursor_key]
 
-    def args(self) -> list[Any]:
+    def args(self, retried: bool = False) -> list[Any]:
+        """The script's arguments; ``retried``: a call with this append's send id lost its reply,
+        so the script looks in the room for it first."""
         count = self.chunks_sent if self.utterance_id else None
         a = self.append
         return [self.token, _arg(self.epoch), _ms(self.ttl_s), self.seq, self.chunk, _arg(self.gen),
                 _arg(self.refuse_above), _arg(count), a.data if a else "", a.origin if a else "",
-                a.send_id if a else ""]
+                a.send_id if a else "", "1" if retried else ""]
 
 
 @dataclass(frozen=True)
@@ -390,6 +399,8 @@ class Store:
         self._enqueue_many = client.register_script(_ENQUEUE_MANY)
         self._interrupt = client.register_script(_INTERRUPT)
         self._advance = client.register_script(_ADVANCE)
+        #: send ids of room writes whose call lost its reply (see _unsure_while)
+        self._unsure: set[str] = set()
         self._start = client.register_script(_START)
         self._renew = client.register_script(_RENEW)
         self._take = client.register_script(_TAKE)
@@ -537,8 +548,26 @@ class Store:
         came first."""
         call = MoveCall(conversation_id, token, seq, chunk, gen, epoch, ttl_s, utterance_id, chunks_sent, append,
                         refuse_above)
-        held, current, done = self._advance(keys=call.keys(), args=call.args())
+        with self._unsure_while([append]):
+            held, current, done = self._advance(keys=call.keys(), args=call.args(self._retried(append)))
         return Moved(bool(held), int(current), bool(done))
+
+    def _retried(self, append: RoomAppend | None) -> bool:
+        return append is not None and append.send_id in self._unsure
+
+    @contextlib.contextmanager
+    def _unsure_while(self, appends: list[RoomAppend | None]) -> Iterator[None]:
+        """Around a call that writes ``appends`` into their rooms: when Redis fails to answer it,
+        their send ids are remembered (the call may have run), so their retry looks in the room
+        first; once a call with them is answered, they are forgotten."""
+        try:
+            yield
+        except redis.RedisError:
+            self._unsure.update(a.send_id for a in appends if a is not None)
+            raise
+        for a in appends:
+            if a is not None:
+                self._unsure.discard(a.send_id)
 
     def move_many(self, calls: list[MoveCall]) -> list[Moved]:
         """Many :meth:`move` calls (of different conversations) in one round trip: the pacing
@@ -551,8 +580,9 @@ class Store:
             pipe = self.r.pipeline(transaction=False)
             for i in todo:
                 call_keys = calls[i].keys()
-                pipe.evalsha(self._advance.sha, len(call_keys), *call_keys, *calls[i].args())
-            replies = pipe.execute(raise_on_error=False)
+                pipe.evalsha(self._advance.sha, len(call_keys), *call_keys, *calls[i].args(self._retried(calls[i].append)))
+            with self._unsure_while([calls[i].append for i in todo]):
+                replies = pipe.execute(raise_on_error=False)
             missing = []
             for i, reply in zip(todo, replies, strict=True):
                 if isinstance(reply, redis.exceptions.NoScriptError):
@@ -586,9 +616,11 @@ class Store:
                 raise ValueError("send_texts writes into one room")
             args += [i.seq, i.append.data, i.append.send_id, json.dumps({"ts": round(now, 6), **i.sending_event}),
                      json.dumps({"ts": round(now, 6), **i.sent_event})]
-        reply = self._send_texts(keys=[keys.lease(conversation_id), keys.conversation(conversation_id),
-                                       keys.conv_cursor(conversation_id), items[0].append.stream,
-                                       keys.conv_events(conversation_id), *item_keys], args=args)
+        args.append("1" if any(self._retried(i.append) for i in items) else "")
+        with self._unsure_while([i.append for i in items]):
+            reply = self._send_texts(keys=[keys.lease(conversation_id), keys.conversation(conversation_id),
+                                           keys.conv_cursor(conversation_id), items[0].append.stream,
+                                           keys.conv_events(conversation_id), *item_keys], args=args)
         states = [text(v) or None for v in reply[3:]]
         return TextsSent(bool(reply[0]), int(reply[1]), bool(reply[2]), states)
 

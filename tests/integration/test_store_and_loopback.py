@@ -35,6 +35,60 @@ def _entry(uid: str, inf: str | None = None) -> tuple[dict[str, Any], dict[str, 
             {"id": uid, "kind": "text", "inference_id": inf or uid})
 
 
+def _moves_lose_replies(store: Store, every: int) -> list[int]:
+    """Redis runs each of ``store``'s cursor moves, but the answer to every ``every``-th call
+    that makes them (one move, or a pipelined batch) never comes back, as when the connection
+    drops after the request went out. Returns the running count of such calls."""
+    calls = [0]
+
+    def lost_now() -> bool:
+        calls[0] += 1
+        return calls[0] % every == 0
+
+    real_script = store._advance
+
+    class Advance:
+        sha = real_script.sha
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            reply = real_script(*args, **kwargs)  # Redis ran it ...
+            if lost_now():
+                raise redis.TimeoutError("Timeout reading from socket")  # ... but the answer never came
+            return reply
+
+    real_pipeline = store.r.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        def execute(*eargs: Any, **ekwargs: Any) -> Any:
+            moves = any(cmd[0][:2] == ("EVALSHA", real_script.sha) for cmd in pipe.command_stack)
+            reply = real_execute(*eargs, **ekwargs)
+            if moves and lost_now():
+                raise redis.TimeoutError("Timeout reading from socket")
+            return reply
+
+        pipe.execute = execute
+        return pipe
+
+    store._advance = Advance()  # type: ignore[assignment]
+    store.r.pipeline = pipeline  # type: ignore[method-assign]
+    return calls
+
+
+def _reply_lost(call: Callable[[], Any], store: Store) -> None:
+    """``call()`` (cursor moves of ``store``) runs in Redis, and its answer is lost."""
+    real_script, real_pipeline = store._advance, store.r.pipeline
+    _moves_lose_replies(store, 1)
+    try:
+        with pytest.raises(redis.TimeoutError):
+            call()
+    finally:
+        store._advance = real_script
+        store.r.pipeline = real_pipeline  # type: ignore[method-assign]
+
+
 def _held_room(redis_client: redis.Redis, name: str, *uids: str) -> tuple[Store, LoopbackTransport]:
     """Conversation "c" in loopback room ``name`` (no replica), with ``uids`` queued and its lease
     held by "me"."""
@@ -234,9 +288,11 @@ def test_a_send_folded_into_its_cursor_move_goes_in_once_only_for_the_holder_and
     first, second = echo.interrupt("c"), echo.interrupt("c")
 
     append = room.prepare_append(first)
-    moved = store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0)
+    _reply_lost(lambda: store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0),
+                store)
+    assert wire(redis_client, "fold") == [first]
+    moved = store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0)  # the retry
     assert (moved.held, moved.done) == (True, True)
-    assert store.move("c", "me", 0, 1, utterance_id="u1", chunks_sent=1, append=append, refuse_above=0).done  # a retry
     assert wire(redis_client, "fold") == [first]
     assert (store.cursor("c").seq, store.cursor("c").chunk) == (0, 1)
     assert store.utterance("u1")["chunks_sent"] == "1"
@@ -275,9 +331,17 @@ def test_moves_of_many_conversations_in_one_call_each_answer_for_itself_even_aft
     assert [(m.held, m.done) for m in moved] == [(True, True), (False, False), (True, False)]
     assert moved[2].gen == 1  # refused: an interrupt came first
     assert [wire(redis_client, f"many-{cid}") for cid in rooms] == [[messages["m1"]], [], []]
-    assert store.move_many(calls[:1])[0].done  # a retry after a lost reply writes nothing twice
-    assert wire(redis_client, "many-m1") == [messages["m1"]]
     assert store.utterance("u-m1")["chunks_sent"] == "1"
+    # a retry after a lost reply writes nothing twice
+    again = [MoveCall("m1", "me", 0, 2, utterance_id="u-m1", chunks_sent=2, refuse_above=0,
+                      append=rooms["m1"].prepare_append(echo.interrupt("again"))),
+             MoveCall("m2", "not-me", 0, 2, append=rooms["m2"].prepare_append(echo.interrupt("again")))]
+    _reply_lost(lambda: store.move_many(again), store)
+    assert wire(redis_client, "many-m1") == [messages["m1"], echo.interrupt("again")]
+    assert [(m.held, m.done) for m in store.move_many(again)] == [(True, True), (False, False)]
+    assert wire(redis_client, "many-m1") == [messages["m1"], echo.interrupt("again")]
+    assert wire(redis_client, "many-m2") == []
+    assert store.utterance("u-m1")["chunks_sent"] == "2"
 
 
 @pytest.mark.parametrize("pacing", ["realtime", "burst"])
@@ -300,17 +364,7 @@ def test_a_sender_whose_folded_move_lost_its_reply_puts_every_chunk_in_the_room_
     sender = Sender("c", store=store, transport=room, settings=settings, token="me", wake=threading.Event(),
                     stopping=lambda: False)
     assert sender.folds
-    name = "_advance" if pacing == "realtime" else "move_many"
-    real, calls, every = getattr(store, name), [0], 3 if pacing == "realtime" else 2
-
-    def every_third_reply_lost(*args: Any, **kwargs: Any) -> Any:
-        reply = real(*args, **kwargs)  # Redis ran it ...
-        calls[0] += 1
-        if calls[0] % every == 0:
-            raise redis.TimeoutError("Timeout reading from socket")  # ... but the answer never came
-        return reply
-
-    setattr(store, name, every_third_reply_lost)
+    calls = _moves_lose_replies(store, 3 if pacing == "realtime" else 2)
     assert sender.drain() == 2
     messages = wire(redis_client, "lost")
     audio_msgs = [m for m in messages if m["properties"].get("inference_id") == "a1"]
@@ -396,10 +450,19 @@ def test_a_run_of_texts_goes_in_one_call_only_for_the_holder_and_not_after_an_in
     run = items("t1", "t2", "t3")
     assert not store.send_texts("c", "you", run, refuse_above=0, ttl_s=5).held  # not the holder
     assert wire(redis_client, "texts") == [] and store.cursor("c").seq == 0
-    sent = store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)
-    assert (sent.held, sent.done, sent.states) == (True, True, ["sent", None, "sent"])
-    again = store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)  # a retry after a lost reply
-    assert (again.done, again.states) == (True, ["sent", None, "sent"])
+    real = store._send_texts
+
+    def reply_lost(**kwargs: Any) -> Any:
+        real(**kwargs)  # Redis ran it, and the answer never came
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    store._send_texts = reply_lost  # type: ignore[assignment]
+    with pytest.raises(redis.TimeoutError):
+        store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)
+    store._send_texts = real
+    assert [m["properties"]["inference_id"] for m in wire(redis_client, "texts")] == ["t1", "t3"]
+    again = store.send_texts("c", "me", run, refuse_above=0, ttl_s=5)  # the retry
+    assert (again.held, again.done, again.states) == (True, True, ["sent", None, "sent"])
     assert wire(redis_client, "texts") == [messages["t1"], messages["t3"]]  # once each, in order
     assert store.cursor("c").seq == 3 and store.cursor("c").chunk == 0
     assert [store.utterance(u)["state"] for u in ("t1", "t2", "t3")] == ["sent", "cancelled", "sent"]
@@ -465,7 +528,7 @@ def test_a_retried_chunk_already_in_the_room_never_moves_the_cursor_back(redis_c
     messages = [echo.interrupt(f"m{i}") for i in range(3)]
     calls = [MoveCall("c", "me", 0, i + 1, append=room.prepare_append(m), refuse_above=0)
              for i, m in enumerate(messages)]
-    assert all(m.done for m in store.move_many(calls))
+    _reply_lost(lambda: store.move_many(calls), store)
     assert store.cursor("c").chunk == 3
     assert store.move_many(calls[:1])[0].done  # the retry got as far as the first one
     assert store.cursor("c").chunk == 3 and wire(redis_client, "back") == messages

@@ -52,9 +52,9 @@ log = logging.getLogger("echoq.loopback")
 # A send whose reply was lost (Redis stalled past the client's socket timeout, and ran it later)
 # is retried by the sender; a room takes one send once, so the retry must not append again. The
 # retry carries the same send id, and the recent entries are looked at for it.
-# KEYS: stream ; ARGV: data, origin, send id
+# KEYS: stream ; ARGV: data, origin, send id, "1" when a send with this id lost its reply
 _APPEND_ONCE = SENT_BEFORE + """
-if sent_before(KEYS[1], ARGV[3]) then return 0 end
+if ARGV[4] == '1' and sent_before(KEYS[1], ARGV[3]) then return 0 end
 redis.call('XADD', KEYS[1], '*', 'data', ARGV[1], 'origin', ARGV[2], 'send_id', ARGV[3])
 return 1
 """
@@ -135,9 +135,11 @@ class LoopbackTransport(Transport):
 
     def send(self, message: dict[str, Any]) -> None:
         data, send_id = self._checked(message)
+        retried = self._unsure is not None and self._unsure[1] == send_id
         try:
-            # origin beside data: tests tell which process sent what; the message stays the wire message
-            self._append(keys=[self._stream], args=[data, self.origin, send_id])
+            # origin beside data: tests tell which process sent what; the message stays the wire
+            # message. Only the retry of a send whose reply was lost looks for it in the room.
+            self._append(keys=[self._stream], args=[data, self.origin, send_id, "1" if retried else ""])
         except redis.RedisError as exc:
             self._unsure = (message, send_id)
             raise SendFailed(f"loopback room {self.room!r}: {exc}") from exc
