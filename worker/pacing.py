@@ -10,6 +10,12 @@ with the sender's own code (fence, folded cursor move, interrupt check), compute
 one is due, and goes on to the next conversation. Decoding runs ahead on a thread per playing
 utterance (:class:`~worker.readahead.ReadAhead`), so the loop never waits for a decoder.
 
+Rooms share the Redis round trips: a chunk goes at the tick of a shared grid (``tick_s``, 10 ms
+for 40 ms chunks) at or before its due time, so the chunks of every room due within one tick go
+in one pipelined call. The tick divides the chunk interval, so each utterance's chunks keep one
+constant offset from their due times (its spacing is exactly real time, a few ms earlier), and
+one process sends ~25 chunks a round trip at 100 rooms instead of one or two.
+
 The loop never waits for anything but Redis: a step that would (a send to retry after a back-off,
 a room to rejoin) gives the utterance back to a drain thread (:class:`NeedsThread`), which
 resumes it from the cursor with the whole retry logic — the message was not sent, so nothing is
@@ -23,6 +29,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +53,20 @@ AHEAD_CHUNKS = 50
 MAX_BATCH = 256
 #: threads that send to rooms whose write cannot ride on the cursor move (Daily)
 SERIAL_SENDERS = 16
+#: the longest tick of the shared send grid, ms (see :func:`tick_for`)
+MAX_TICK_MS = 10
+
+
+def tick_for(chunk_ms: int) -> float:
+    """The send grid's tick for chunks of ``chunk_ms``, in seconds: the largest divisor of the
+    chunk interval up to ``MAX_TICK_MS``, so every chunk of an utterance sits the same distance
+    ahead of its due time."""
+    return math.gcd(chunk_ms, MAX_TICK_MS) / 1000
+
+
+def on_grid(due: float, tick: float) -> float:
+    """The tick at or before ``due`` (monotonic seconds); ``due`` itself when there is no grid."""
+    return math.floor(due / tick + 1e-9) * tick if tick else due
 
 
 class PreparedChunk(NamedTuple):
@@ -98,13 +119,14 @@ class Playout:
     """One audio utterance being paced by the loop."""
 
     def __init__(self, owner: Owner, sender: Sender, entry: dict[str, Any], first_chunk: int,
-                 reader: ReadAhead) -> None:
+                 reader: ReadAhead, tick: float = 0.0) -> None:
         self.owner = owner
         self.sender = sender
         self.entry = entry
         self.first_chunk = first_chunk
         self.reader = reader
         self.rate = int(entry["sample_rate"])
+        self.tick = tick
         self.index = -1  # the last chunk taken from the reader
         self.pending: tuple[bytes, bool] | None = None  # taken, waiting for its due time
         self.due = 0.0
@@ -138,7 +160,8 @@ class Playout:
                     raise PermanentError("the audio ends before the cursor: nothing left to send")
                 continue
             self.pending = (pcm, last)
-            self.due = max(s.pacer.audio_due(len(pcm) / (2 * self.rate)), s.pacer.message_due())
+            due = max(s.pacer.audio_due(len(pcm) / (2 * self.rate)), s.pacer.message_due())
+            self.due = on_grid(due, self.tick)
         now = time.monotonic()
         if self.due > now:
             return self.due
@@ -176,8 +199,9 @@ class PacingLoop:
     """The loop: a heap of due playouts, one thread that sends, an executor for what follows."""
 
     def __init__(self, *, ring: Callable[[str], None], drop: Callable[[str, str], None],
-                 name: str = "echoq-pacing") -> None:
+                 name: str = "echoq-pacing", tick_s: float = 0.0) -> None:
         self._ring = ring
+        self.tick_s = tick_s
         self._drop = drop
         self._heap: list[tuple[float, int, int, Playout]] = []
         self._order = itertools.count()
@@ -209,7 +233,7 @@ class PacingLoop:
         """Take one utterance (its record claimed, its events written) from a drain; raises
         :class:`Handed` to unwind that drain."""
         reader = sender.take_reader(entry)
-        playout = Playout(owner, sender, entry, first_chunk, reader)
+        playout = Playout(owner, sender, entry, first_chunk, reader, self.tick_s)
         reader.on_ready = lambda: self._schedule(playout, 0.0)
         sender.pacer.start_utterance()
         self._playing[owner.cid] = playout

@@ -37,7 +37,7 @@ from celery.utils.nodenames import worker_direct
 from . import capacity, echo, keys, metrics, retention, sealing
 from .errors import EchoqError, PermanentError, RetryableError
 from .logs import ms_since, step
-from .pacing import Handed, Owner, PacingLoop
+from .pacing import Handed, Owner, PacingLoop, tick_for
 from .sender import LeaseLost, Progress, Sender
 from .settings import Settings
 from .store import Store, text
@@ -221,7 +221,8 @@ class SessionManager:
         self.loop: PacingLoop | None = None
         if settings.pacing == "realtime" and settings.pacing_loop:
             self.loop = PacingLoop(ring=lambda cid: self.ring(cid, here=True),
-                                   drop=lambda cid, reason: self.drop(cid, reason, release=False, wait=False))
+                                   drop=lambda cid, reason: self.drop(cid, reason, release=False, wait=False),
+                                   tick_s=tick_for(settings.chunk_ms))
 
     # lifecycle -----------------------------------------------------------------------------
 
