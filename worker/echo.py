@@ -1,7 +1,10 @@
 """Tavus echo wire messages: the only module that builds them, and the one check of them.
 
-Pure: no I/O. Messages are plain dicts, exactly what is passed to ``send_app_message``;
-:func:`encode` gives their compact JSON, whose length is what the size limit counts.
+Pure: no I/O. Messages are dicts, exactly what is passed to ``send_app_message``; :func:`encode`
+gives their compact JSON, whose length is what the size limit counts. An audio chunk's JSON is
+made once, when the message is built (:class:`Message`): the size check and the room's write
+use the same bytes, and base64 needs no escaping, so it is put together rather than scanned by
+the JSON encoder (~20 us for a 40 ms chunk, twice a chunk before).
 """
 
 from __future__ import annotations
@@ -20,9 +23,22 @@ STARTED_SPEAKING = "conversation.replica.started_speaking"
 STOPPED_SPEAKING = "conversation.replica.stopped_speaking"
 
 
+class Message(dict):  # type: ignore[type-arg]
+    """A message whose compact JSON was made with it (``encoded``); never changed after."""
+
+    __slots__ = ("encoded",)
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Compact JSON, the form whose size the room limits."""
+    encoded: bytes | None = getattr(message, "encoded", None)
+    if encoded is not None:
+        return encoded
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_str(value: str) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode()
 
 
 def _check_size(message: dict[str, Any], max_bytes: int) -> dict[str, Any]:
@@ -65,18 +81,24 @@ def audio_echo(
     """One audio echo chunk: base64 of raw s16le mono PCM."""
     if sample_rate not in SAMPLE_RATES:
         raise ValueError(f"sample_rate must be 16000 or 24000, not {sample_rate}")
-    message = {
-        "message_type": MESSAGE_TYPE,
-        "event_type": ECHO,
-        "conversation_id": conversation_id,
-        "properties": {
+    audio = base64.b64encode(pcm)
+    message = Message(
+        message_type=MESSAGE_TYPE,
+        event_type=ECHO,
+        conversation_id=conversation_id,
+        properties={
             "modality": "audio",
-            "audio": base64.b64encode(pcm).decode("ascii"),
+            "audio": audio.decode("ascii"),
             "sample_rate": int(sample_rate),
             "inference_id": inference_id,
             "done": bool(done),
         },
-    }
+    )
+    # what json.dumps(message, separators=(",", ":"), ensure_ascii=False) gives (a test holds them equal)
+    message.encoded = (b'{"message_type":"%s","event_type":"%s","conversation_id":%s,"properties":{"modality":"audio",'
+                       b'"audio":"%s","sample_rate":%d,"inference_id":%s,"done":%s}}'
+                       % (MESSAGE_TYPE.encode(), ECHO.encode(), _json_str(conversation_id), audio, int(sample_rate),
+                          _json_str(inference_id), b"true" if done else b"false"))
     return _check_size(message, max_bytes)
 
 

@@ -33,6 +33,24 @@ def test_audio_echo_carries_base64_pcm_an_integer_rate_and_done() -> None:
         echo.audio_echo("c1", pcm, 44100, "inf", True, max_bytes=4096)
 
 
+@pytest.mark.parametrize("ids", [("conv-1", "inf-1"), ('c"q\\uote', "i\n\u2028\x00"), ("ünïcode 会话", "😀"),
+                                 (str(uuid.uuid4()), str(uuid.uuid4()))])
+@pytest.mark.parametrize("rate", [16000, 24000])
+@pytest.mark.parametrize("done", [False, True])
+def test_an_audio_chunk_made_with_its_json_encodes_as_the_json_encoder_would(ids: tuple[str, str], rate: int,
+                                                                             done: bool) -> None:
+    """The audio message's JSON is put together when it is built; the bytes a room gets must be
+    exactly the compact JSON of the dict (what the size limit counts, what Daily would send)."""
+    import os
+
+    for size in (0, 1, 2, 3, 1920, 1281):
+        pcm = os.urandom(size)
+        message = echo.audio_echo(ids[0], pcm, rate, ids[1], done, max_bytes=1 << 20)
+        assert echo.encode(message) == json.dumps(dict(message), separators=(",", ":"), ensure_ascii=False).encode()
+        assert json.loads(echo.encode(message)) == message
+        assert base64.b64decode(message["properties"]["audio"]) == pcm
+
+
 def test_the_default_chunk_fits_the_default_limit_at_24k_with_long_ids() -> None:
     s = Settings()
     pcm = b"\x01\x02" * (chunks.chunk_bytes(24000, s.chunk_ms) // 2)
