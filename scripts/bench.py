@@ -21,7 +21,9 @@ step of each utterance with its timing).
               playing two --seconds clips back to back, all enqueued at once: how late each
               chunk reaches the room against the real-time schedule its utterance's first
               chunk set (p50 / p99 / max, and the last chunk's lateness: falling behind shows
-              there), enqueue -> first chunk, the silence between the two clips beyond one chunk
+              there) as this script's reader got each chunk, and by the rooms' own clock (the
+              Redis time in each entry id: when it went in, whatever the reader's delay),
+              enqueue -> first chunk, the silence between the two clips beyond one chunk
               interval, how many rooms finished, and lease losses in the worker's log.
 ``load``      one worker (burst pacing), --conversations loopback rooms, --texts text lines for
               each from --producers threads of one process (each thread its share of the
@@ -129,7 +131,7 @@ class Figures:
 class RoomReader:
     """A reader blocked on every room stream, from its start (``$`` would be read again at every
     call and miss what came in between), handing each message to :meth:`take` with the time it
-    was read."""
+    was read and its stream entry id (which holds Redis's clock, in ms, when it was written)."""
 
     def __init__(self, rooms: list[str]) -> None:
         self.r = redis.Redis.from_url(BENCH_URL)
@@ -138,7 +140,7 @@ class RoomReader:
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
-    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float, eid: bytes) -> None:
         raise NotImplementedError
 
     def run(self) -> None:
@@ -149,7 +151,7 @@ class RoomReader:
                 name = stream.decode()
                 for eid, fields in entries:
                     self.last[name] = eid.decode()
-                    self.take(name, fields, now)
+                    self.take(name, fields, now, eid)
 
 
 class Arrivals(RoomReader):
@@ -161,7 +163,7 @@ class Arrivals(RoomReader):
         self.count = 0
         super().__init__(rooms)
 
-    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float, eid: bytes) -> None:
         self.count += 1
         data = fields[b"data"]
         if b'"conversation.interrupt"' in data:
@@ -353,18 +355,31 @@ def bench_enqueue(args: argparse.Namespace) -> None:
 # pacing --------------------------------------------------------------------------------------
 
 class Chunks(RoomReader):
-    """Every audio message's arrival, per room and inference id, in order."""
+    """Every audio message's arrival (when this reader read it) and when it was written (Redis's
+    clock, from its entry id, in seconds), per room and inference id, in order."""
 
     def __init__(self, rooms: list[str]) -> None:
         self.arrivals: dict[tuple[str, bytes], list[float]] = {}
+        self.written: dict[tuple[str, bytes], list[float]] = {}
         self.count = 0
         super().__init__(rooms)
 
-    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float, eid: bytes) -> None:
         self.count += 1
         data = fields[b"data"]
         marker = data[data.find(b'"inference_id":"') + 16:].split(b'"', 1)[0]
         self.arrivals.setdefault((stream, marker), []).append(now)
+        self.written.setdefault((stream, marker), []).append(int(eid.split(b"-", 1)[0]) / 1000)
+
+
+def lateness_ms(times: list[float], chunk_s: float) -> list[float]:
+    """Each chunk's lateness (k >= 1) against its utterance's real-time grid: the pacer keeps one
+    chunk ahead of playback, so chunks 0 and 1 go at once and chunk k is due k - 1 intervals after
+    the earliest start that every later chunk allows (so lateness is never negative)."""
+    if len(times) < 2:
+        return []
+    start = min(t - (k - 1) * chunk_s for k, t in enumerate(times) if k)
+    return [(t - start - (k - 1) * chunk_s) * 1000 for k, t in enumerate(times) if k]
 
 
 def bench_pacing(args: argparse.Namespace) -> None:
@@ -403,6 +418,7 @@ def bench_pacing(args: argparse.Namespace) -> None:
                      (time.process_time() - own0) * 1000 / max(1, reader.count))
             late: list[float] = []
             last_late: list[float] = []
+            late_written: list[float] = []
             first: list[float] = []
             gaps: list[float] = []
             finished = 0
@@ -414,17 +430,12 @@ def bench_pacing(args: argparse.Namespace) -> None:
                     finished += 1
                 if a:
                     first.append((a[0] - t_enq[cid]) * 1000)
-                for times in (a, bb):
-                    if not times:
-                        continue
-                    # the pacer keeps one chunk ahead of playback: chunks 0 and 1 go at once and
-                    # chunk k (k >= 1) is due k - 1 intervals after the earliest start that every
-                    # later chunk allows (so lateness is never negative); chunk 0 is timed above
-                    if len(times) < 2:
-                        continue
-                    start = min(t - (k - 1) * chunk_s for k, t in enumerate(times) if k)
-                    late.extend((t - start - (k - 1) * chunk_s) * 1000 for k, t in enumerate(times) if k)
-                    last_late.append(late[-1])
+                for times in (a, bb):  # chunk 0 is timed above (first chunk)
+                    if len(times) >= 2:
+                        late.extend(lateness_ms(times, chunk_s))
+                        last_late.append(late[-1])
+                for uid in (f"{cid}-a", f"{cid}-b"):
+                    late_written.extend(lateness_ms(reader.written.get((room, uid.encode()), []), chunk_s))
                 if a and bb:
                     # clip a's audio ends one interval after its last chunk went (sent one ahead);
                     # b's first chunk should be there by then: silence is anything beyond
@@ -435,6 +446,9 @@ def bench_pacing(args: argparse.Namespace) -> None:
                 figs.add("chunk lateness p99 ms", pct(late, 99))
                 figs.add("chunk lateness max ms", max(late))
                 figs.add("last chunk lateness p99 ms (behind real time)", pct(last_late, 99))
+            if late_written:  # when each chunk went into its room, not when the reader got to it
+                figs.add("chunk lateness by the rooms' clock p50 ms", pct(late_written, 50))
+                figs.add("chunk lateness by the rooms' clock p99 ms", pct(late_written, 99))
             if first:
                 figs.add("enqueue -> first chunk p50 ms", pct(first, 50))
                 figs.add("enqueue -> first chunk max ms", max(first))

@@ -53,7 +53,7 @@ class Arrivals(RoomReader):
         self.seen: dict[str, list[float]] = defaultdict(list)
         super().__init__(rooms)
 
-    def take(self, stream: str, fields: dict[bytes, bytes], now: float) -> None:
+    def take(self, stream: str, fields: dict[bytes, bytes], now: float, eid: bytes) -> None:
         self.seen[stream].append(now)
 
 
