@@ -23,10 +23,11 @@ STARTED_SPEAKING = "conversation.replica.started_speaking"
 STOPPED_SPEAKING = "conversation.replica.stopped_speaking"
 
 
-class Message(dict):  # type: ignore[type-arg]
+class Message(dict[str, Any]):
     """A message whose compact JSON was made with it (``encoded``); never changed after."""
 
     __slots__ = ("encoded",)
+    encoded: bytes
 
 
 def encode(message: dict[str, Any]) -> bytes:
