@@ -81,6 +81,11 @@ class _Move(NamedTuple):
     chunks_sent: int | None
 
 
+#: real-time pacing catches up a stall this long (the chunks due meanwhile go at once, five 40 ms
+#: chunks at most); a longer one starts the utterance's clock again
+CATCH_UP_S = 0.2
+
+
 class Pacer:
     """When the next message may go: every kind is capped in messages per second; audio chunks
     may also be held to real time."""
@@ -91,7 +96,7 @@ class Pacer:
         self._last = 0.0
         self._t0 = 0.0
         self._audio_s = 0.0
-        self.late = 0  # times the real-time clock restarted because a chunk was more than a chunk late
+        self.late = 0  # times the real-time clock restarted because a chunk was too late to catch up
 
     def start_utterance(self) -> None:
         """A new utterance (or the rest of one, after a hand-over) starts its real-time clock now."""
@@ -112,9 +117,11 @@ class Pacer:
             now = time.monotonic()
             # stay about one chunk ahead of playback so the replica's buffer never runs dry
             due = self._t0 + self._audio_s - audio_seconds
-            if now - due > audio_seconds:
-                # more than a chunk late (a stall, a retry): the room has heard a gap already, and
-                # catching up would burst; the clock starts again here instead
+            if now - due > max(audio_seconds, CATCH_UP_S):
+                # too late to catch up (a long stall, a retry): the room has heard a gap, and
+                # catching up would burst; the clock starts again here instead. A shorter stall
+                # is caught up: the chunks due meanwhile go at once (a few), and the schedule
+                # holds, so the replica is back one chunk ahead and later chunks are not late.
                 self._t0, due = now - self._audio_s + audio_seconds, now
                 self.late += 1
         self._audio_s += audio_seconds

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                     "mean the worker cannot keep up; 0 turns this signal off")
     shed_late_chunks: int = Field(
         default=10, ge=0,
-        description="A real-time conversation whose audio fell more than a chunk behind this many times in one "
+        description="A real-time conversation whose audio fell too far behind to catch up (over 200 ms) this many times in one "
                     "lease TTL is behind; two or more behind, and at least half of the real-time ones, mean the "
                     "worker cannot keep up; 0 turns this signal off")
     shed_cooldown_s: float = Field(

@@ -75,6 +75,21 @@ def test_real_time_pacing_starts_its_clock_again_instead_of_bursting_after_a_sta
     clock.now = 60.0  # ten seconds stalled (a Redis outage, a retry loop)
     assert pacer.audio_due(0.04) == 60.0  # due now, not ten seconds ago
     assert pacer.audio_due(0.04) == pytest.approx(60.04)  # and paced from here on, not a burst
+    assert pacer.late == 1
+
+
+def test_real_time_pacing_catches_up_a_short_stall_and_keeps_its_schedule(monkeypatch: Any) -> None:
+    clock = Clock(50.0)
+    monkeypatch.setattr(sender.time, "monotonic", clock)
+    pacer = sender.Pacer(Settings(pacing="realtime"))
+    pacer.start_utterance()
+    assert [pacer.audio_due(0.04) for _ in range(3)] == pytest.approx([49.96, 50.0, 50.04])
+    clock.now = 50.15  # 110 ms stalled: the chunks due at 50.08 and 50.12 go at once
+    assert [pacer.audio_due(0.04) for _ in range(4)] == pytest.approx([50.08, 50.12, 50.16, 50.20])
+    assert pacer.late == 0
+    clock.now = 50.24 + sender.CATCH_UP_S + 0.01  # the next chunk (due at 50.24) stalled past what is caught up
+    assert pacer.audio_due(0.04) == clock.now
+    assert pacer.late == 1
 
 
 def test_the_rate_cap_spaces_every_message_kind() -> None:
