@@ -51,6 +51,18 @@ def test_an_audio_chunk_made_with_its_json_encodes_as_the_json_encoder_would(ids
         assert base64.b64decode(message["properties"]["audio"]) == pcm
 
 
+@pytest.mark.parametrize("change", [{"done": "true"}, {"sample_rate": 44100.0}, {"done": 1}, {"audio": 'a"b'},
+                                    {"audio": "a\\b"}, {"audio": "a\nb"}, {"audio": "é"}, {"inference_id": 5},
+                                    {"modality": "text"}, {"extra": True}])
+def test_a_message_changed_after_it_was_built_encodes_as_it_is_now(change: dict[str, object]) -> None:
+    """Tests (and the simulator's checks) send deliberately broken messages: the bytes must be
+    those of the dict as it is, whatever shape or content it has."""
+    message = echo.audio_echo("c", b"\0\1" * 100, 24000, "i", False, max_bytes=1 << 20)
+    message["properties"].update(change)
+    assert echo.encode(message) == json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    assert json.loads(echo.encode(message))["properties"] == message["properties"]
+
+
 def test_the_default_chunk_fits_the_default_limit_at_24k_with_long_ids() -> None:
     s = Settings()
     pcm = b"\x01\x02" * (chunks.chunk_bytes(24000, s.chunk_ms) // 2)
