@@ -125,15 +125,3 @@ def test_modules_import() -> None:
 
     for name in ("producer.cli", "producer.api", "producer.scripting.tasks", "worker.simulator", "worker.tasks"):
         importlib.import_module(name)
-
-
-def test_redis_clients_pack_and_parse_with_hiredis() -> None:
-    """The dependency on redis[hiredis] is what makes a paced chunk's client side cheap: redis-py
-    picks hiredis's packer and parser when it is importable."""
-    import redis
-    from redis.connection import Connection
-
-    assert redis.utils.HIREDIS_AVAILABLE
-    connection = Connection()
-    assert type(connection._command_packer).__name__ == "HiredisRespSerializer"
-    assert type(connection._parser).__name__ == "_HiredisParser"
