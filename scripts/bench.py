@@ -382,6 +382,13 @@ def lateness_ms(times: list[float], chunk_s: float) -> list[float]:
     return [(t - start - (k - 1) * chunk_s) * 1000 for k, t in enumerate(times) if k]
 
 
+def evalsha_stats(r: redis.Redis) -> tuple[int, int]:
+    """Redis's count of EVALSHA calls and the microseconds it spent in them, server-wide
+    (``INFO commandstats``): the cost of the cursor script, as Redis sees it."""
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 def bench_pacing(args: argparse.Namespace) -> None:
     header("pacing")
     b = Bench()
@@ -400,6 +407,7 @@ def bench_pacing(args: argparse.Namespace) -> None:
             time.sleep(0.3)
             pids = [proc.pid for proc in b.workers]
             cpu0, own0 = sum(cpu_seconds(pid) for pid in pids), time.process_time()
+            scripts0 = evalsha_stats(b.r)
             t_enq: dict[str, float] = {}
             t0 = time.perf_counter()
             for n, cid in enumerate(ids):
@@ -416,6 +424,9 @@ def bench_pacing(args: argparse.Namespace) -> None:
             figs.add("workers' CPU ms per message", cpu * 1000 / max(1, reader.count))
             figs.add("this script's CPU ms per message (enqueue, reading the rooms)",
                      (time.process_time() - own0) * 1000 / max(1, reader.count))
+            calls, usec = (after - before for after, before in zip(evalsha_stats(b.r), scripts0, strict=True))
+            # the whole server's, so nothing else should use this Redis during the run
+            figs.add("Redis time per script call (EVALSHA, whole server) us", usec / max(1, calls))
             late: list[float] = []
             last_late: list[float] = []
             late_written: list[float] = []
