@@ -761,6 +761,8 @@ class Sender:
         if not moved.held:
             if append is not None:  # the message was refused with the move: fenced in Redis itself
                 raise self._fenced_out()
+            # what was sent before this move is in the room; from here on this sender sends nothing
+            step(log, "lease.lost", logging.WARNING, conversation=self.cid, token=self.token, at="cursor move")
             raise LeaseLost(f"lease on conversation {self.cid} lost")
         if not moved.done or (moved.gen > self.gen and chunk):
             raise Interrupted()

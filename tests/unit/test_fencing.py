@@ -122,3 +122,20 @@ def test_a_wake_up_is_seen_once_and_cleared_so_later_waits_still_pace() -> None:
     wake.set()
     with pytest.raises(sender.Stopping):  # a stop ends the wait at a message boundary
         s._wait_until(sender.time.monotonic() + 5)
+
+
+def test_a_cursor_move_refused_for_a_lost_lease_says_so_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A move after a send that went out another way (no append to refuse) is where a resumed
+    owner may first learn its lease is gone: the log must say so, not only that it left the room."""
+    from worker.store import Moved
+
+    class Refusing(_Store):
+        def move(self, *args: Any, **kwargs: Any) -> Moved:
+            return Moved(held=False, gen=0, done=False)
+
+    s = sender.Sender("c", store=Refusing(), transport=None, settings=Settings(), token="t",  # type: ignore[arg-type]
+                      wake=threading.Event(), stopping=lambda: False)
+    with caplog.at_level("WARNING", logger="echoq"), pytest.raises(sender.LeaseLost):
+        s._advance(3, 0)
+    assert [r.getMessage() for r in caplog.records if "lease.lost" in r.getMessage()], caplog.text
+    assert "conversation=c" in caplog.text
