@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker import audio, capacity, echo, keys, retention, sealing, wire_ids
+from worker import audio, capacity, echo, keys, redisio, retention, sealing, wire_ids
 from worker.errors import (
     AudioError,
     BackendUnavailable,
@@ -62,7 +62,7 @@ class EchoqClient:
     def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None,
                  redis_client: redis.Redis | None = None, celery_app: Celery | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis_client or redis.Redis.from_url(redis_url or self.settings.redis_url)
+        self.redis = redis_client or redisio.connect(redis_url or self.settings.redis_url)
         self.store = Store(self.redis)
         self._app = celery_app
 

@@ -80,7 +80,7 @@ BENCH_URL = os.environ.get("ECHOQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 os.environ["ECHOQ_REDIS_URL"] = BENCH_URL
 
 from producer.client import EchoqClient  # noqa: E402
-from worker import audio, chunks, echo, keys  # noqa: E402
+from worker import audio, chunks, echo, keys, redisio  # noqa: E402
 from worker.settings import get_settings  # noqa: E402
 from worker.transports.loopback import LoopbackTransport  # noqa: E402
 
@@ -134,7 +134,7 @@ class RoomReader:
     was read and its stream entry id (which holds Redis's clock, in ms, when it was written)."""
 
     def __init__(self, rooms: list[str]) -> None:
-        self.r = redis.Redis.from_url(BENCH_URL)
+        self.r = redisio.connect(BENCH_URL)
         self.last = {keys.loopback_room(room): "0-0" for room in rooms}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -177,7 +177,7 @@ class Bench:
     """The bench database, a client, and at most one worker process."""
 
     def __init__(self) -> None:
-        self.r = redis.Redis.from_url(BENCH_URL)
+        self.r = redisio.connect(BENCH_URL)
         self.r.flushdb()
         self.settings = get_settings()
         OUT.mkdir(parents=True, exist_ok=True)
@@ -705,7 +705,7 @@ def floors(clip: Path, repeats: int, samples: int, figs: Figures) -> None:
     """What the figures above cannot go below on this machine: reading the 10-minute MP3 and a
     bare SET of its bytes (the play() call's floor); an ffmpeg process started on the file and
     one started earlier, waiting on its stdin, each until its first 4 KB of decoded output."""
-    r = redis.Redis.from_url(BENCH_URL)
+    r = redisio.connect(BENCH_URL)
     args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-i", str(clip), "-map", "0:a:0",
             "-f", "wav", "-c:a", "pcm_f32le", "pipe:1"]
     piped = [a if a != str(clip) else "pipe:0" for a in args if a != "-nostdin"]

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from . import audio, chunks, keys, metrics
+from . import audio, chunks, keys, metrics, redisio
 from .celery_app import app
 from .errors import PermanentError
 from .logs import setup_logging, step
@@ -96,7 +96,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
     audio.keep_warm(settings.warm_decoder)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redisio.connect(settings.redis_url)
     hostname = getattr(sender, "hostname", None)
     threads = getattr(getattr(sender, "pool", None), "limit", None)  # -c, which may differ from the setting
     install(lambda: SessionManager(app, settings, client, hostname, threads=threads))

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, redisio
 from worker.errors import EchoqError, PermanentError, UnknownConversation
 from worker.settings import Settings, get_settings
 from worker.store import FINAL_STATES
@@ -78,7 +78,7 @@ class Runner:
     def __init__(self, redis_client: redis.Redis | None = None, *, settings: Settings | None = None,
                  client: Any = None) -> None:
         self.settings = settings or get_settings()
-        self.r = redis_client or redis.Redis.from_url(self.settings.redis_url)
+        self.r = redis_client or redisio.connect(self.settings.redis_url)
         self._client = client
         self._release = self.r.register_script(_RELEASE)
 

@@ -43,7 +43,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker import keys
+from worker import keys, redisio
 from worker.errors import InvalidInput, UnknownConversation
 from worker.settings import Settings, get_settings
 
@@ -94,7 +94,7 @@ class Schedules:
     def __init__(self, redis_client: redis.Redis | None = None, *, settings: Settings | None = None,
                  runner: Runner | None = None) -> None:
         self.settings = settings or get_settings()
-        self.r = redis_client or redis.Redis.from_url(self.settings.redis_url)
+        self.r = redis_client or redisio.connect(self.settings.redis_url)
         self.runner = runner or Runner(self.r, settings=self.settings)
         from producer.scripting.beat import configure_redbeat
 

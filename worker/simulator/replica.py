@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from worker import keys
+from worker import keys, redisio
 from worker.errors import BackendUnavailable
 from worker.logs import step
 
@@ -361,7 +361,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.speed <= 0:
         print("echoq simulate: --speed must be positive", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    client = redisio.connect(url, socket_connect_timeout=5, health_check_interval=30)
     try:
         client.ping()
     except redis.RedisError as exc:
