@@ -167,7 +167,9 @@ class Playout:
             return self.due
         if s.stopping():
             raise Stopping()
-        metrics.pacing_lateness(now - self.due)
+        # the first chunk is due one interval before its clock starts (the pacer keeps a chunk
+        # ahead of playback): it is late only from when the loop got it
+        metrics.pacing_lateness(now - max(self.due, self.started))
         pcm, last = self.pending
         if self.index == self.first_chunk and not s.folds:
             s.check_interrupt()

@@ -122,3 +122,18 @@ def test_start_server_serves_metrics_and_is_idempotent(monkeypatch: pytest.Monke
     assert "echoq_utterances_total" in body
     assert "echoq_send_seconds_bucket" in body
     metrics.sessions_held(0)
+
+
+def test_the_readme_lists_every_metric_a_worker_serves() -> None:
+    """An operator reads the README's table to build dashboards: a metric missing there is one
+    nobody finds."""
+    from pathlib import Path
+
+    from prometheus_client import REGISTRY
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    served = {m.name for m in REGISTRY.collect() if m.name.startswith("echoq_")}
+    assert served, "no echoq metric registered"
+    missing = [n for n in sorted(served)
+               if f"`{n}`" not in readme and f"`{n}_total" not in readme and f"`{n}{{" not in readme]
+    assert missing == [], f"not in README's metrics table: {missing}"

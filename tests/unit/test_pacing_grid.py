@@ -138,3 +138,36 @@ def test_rooms_due_within_one_tick_share_one_round_trip() -> None:
     paired = [batch for batch in store.batches if sorted(batch) == [("a", batch[0][1]), ("b", batch[0][1])]]
     assert len(paired) >= CHUNKS - 1, store.batches
     assert all(owner.outcomes == ["sent"] for owner in owners)
+
+
+def test_pacing_lateness_counts_from_when_a_chunk_was_due_never_from_before_its_utterance(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pacer keeps a chunk ahead of playback, so an utterance's first chunk is due one
+    interval before its clock starts: the lateness metric must not count that interval."""
+    from worker import metrics, pacing
+    from worker import sender as sender_module
+    from worker.pacing import Playout
+    from worker.settings import Settings
+
+    now = [100.0]
+    monkeypatch.setattr(pacing.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sender_module.time, "monotonic", lambda: now[0])
+    seen: list[float] = []
+    monkeypatch.setattr(metrics, "pacing_lateness", seen.append)
+
+    class Reader:
+        def poll(self) -> tuple[str, tuple[bytes, bool]]:
+            return "chunk", (bytes(1920), False)  # 40 ms at 24 kHz
+
+    sender = _Sender("a", _Store(), 0.0)
+    sender.pacer = sender_module.Pacer(Settings(pacing="realtime"))  # type: ignore[assignment]
+    sender.pacer.start_utterance()
+    playout = Playout(_Owner("a"), sender, {"utterance_id": "u", "sample_rate": 24000, "seq": 0}, 0,
+                      Reader(), tick=0.01)  # type: ignore[arg-type]
+    for k, at in enumerate((100.002, 100.003, 100.045, 100.081)):
+        now[0] = at
+        prepared = playout.advance()
+        assert isinstance(prepared, PreparedChunk), (k, prepared)
+        playout.committed(prepared, Moved(True, 0, True))
+    # chunk k is due at 100 + (k - 1) * 0.04 (chunk 0 at 100 itself, when its utterance started)
+    assert seen == pytest.approx([0.002, 0.003, 0.005, 0.001], abs=1e-9)
