@@ -471,6 +471,9 @@ def bench_pacing(args: argparse.Namespace) -> None:
             wait(lambda ids=ids: not any(b.r.exists(keys.lease(c)) for c in ids), 120, "rooms closed")
         logs = "".join(path.read_text(errors="replace") for path in OUT.glob("worker*.log"))
         figs.add("lease.lost in the workers' logs (all repeats)", logs.count("lease.lost"))
+        # a stall too long to catch up: that utterance's later chunks are all late by it
+        figs.add("pacing.clock_restarted in the workers' logs (all repeats)", logs.count("pacing.clock_restarted"))
+        figs.add("gc.pause (full collections >= 100 ms) in the workers' logs", logs.count("gc.pause"))
     finally:
         b.close()
     print(f"{args.rooms} rooms x 2 clips of {args.seconds:g} s ({b.settings.chunk_ms} ms chunks), starts spread over "

@@ -49,6 +49,11 @@ PACING_LATENESS = Histogram(
     "How late the pacing loop took a real-time audio chunk that was due",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
 )
+GC_PAUSE_SECONDS = Histogram(
+    "echoq_gc_pause_seconds",
+    "Full (generation 2) garbage collections of this worker process: every thread waits meanwhile",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
 PACING_PLAYING = Gauge("echoq_pacing_playing", "Utterances the pacing loop is playing now")
 CONVERSATIONS_SHED = Counter(
     "echoq_conversations_shed", "Conversations this worker let go because it could not keep up",
@@ -100,6 +105,11 @@ def first_message(seconds: float) -> None:
 def pacing_lateness(seconds: float) -> None:
     """A real-time chunk was taken ``seconds`` after it was due."""
     PACING_LATENESS.observe(max(0.0, seconds))
+
+
+def gc_pause(seconds: float) -> None:
+    """A full garbage collection held the process for ``seconds``."""
+    GC_PAUSE_SECONDS.observe(seconds)
 
 
 def pacing_playing(n: int) -> None:

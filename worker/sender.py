@@ -90,7 +90,8 @@ class Pacer:
     """When the next message may go: every kind is capped in messages per second; audio chunks
     may also be held to real time."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, conversation: str = "") -> None:
+        self.conversation = conversation  # for the log
         self.realtime = settings.pacing == "realtime"
         self.min_gap = 1.0 / settings.max_messages_per_second if settings.max_messages_per_second else 0.0
         self._last = 0.0
@@ -122,6 +123,8 @@ class Pacer:
                 # catching up would burst; the clock starts again here instead. A shorter stall
                 # is caught up: the chunks due meanwhile go at once (a few), and the schedule
                 # holds, so the replica is back one chunk ahead and later chunks are not late.
+                step(log, "pacing.clock_restarted", logging.WARNING, conversation=self.conversation,
+                     late_ms=round((now - due) * 1000, 1))
                 self._t0, due = now - self._audio_s + audio_seconds, now
                 self.late += 1
         self._audio_s += audio_seconds
@@ -160,7 +163,7 @@ class Sender:
         self.fence = Fence(settings.lease_ttl_s, settings.lease_margin_s)
         self.wake = wake
         self.stopping = stopping
-        self.pacer = Pacer(settings)
+        self.pacer = Pacer(settings, conversation_id)
         self.chunk_ms = settings.chunk_ms
         self.gen = store.cursor(conversation_id).gen
         # A room that is a stream in the store's Redis is written by the cursor move itself: one

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import signals
 
-from . import audio, chunks, keys, metrics, redisio
+from . import audio, chunks, gcwatch, keys, metrics, redisio
 from .celery_app import app
 from .errors import PermanentError
 from .logs import setup_logging, step
@@ -103,6 +103,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if settings.metrics_port:
         port = metrics.start_server(settings.metrics_port)
         step(log, "metrics.serving", port=port)
+    gcwatch.install(freeze=settings.gc_freeze)
 
 
 @signals.worker_shutting_down.connect

@@ -294,6 +294,9 @@ def _speak_and_check(workers: Workers, client: Any, redis_client: redis.Redis, t
     one(steps, "interrupt.sent", conversation=cid)
     assert one(steps, "utterance.failed", conversation=cid, utterance="broken")["reason"]
     one(steps, "room.left", conversation=cid, worker=name, reason="worker shutdown")
+    # the objects alive at start are out of the collector's reach (ECHOQ_GC_FREEZE's default)
+    assert one(steps, "gc.ready")["frozen"] > 10_000
+    assert "echoq_gc_pause_seconds_bucket" in metrics_text  # served, for dashboards
     assert not [s for s in steps if s.startswith("utterance.") and s not in (
         "utterance.started", "utterance.sent", "utterance.spoken", "utterance.interrupted", "utterance.failed")]
     assert_clean(log, "the worker's log", *lines, "cancelled before it is sent", fragments=fragments)

@@ -65,10 +65,11 @@ def test_bookkeeping_waits_for_redis_and_gives_up_only_when_told() -> None:
         until_redis_answers(down, what="cursor", conversation="c", wake=wake, give_up=lambda: True, max_delay_s=0.01)
 
 
-def test_real_time_pacing_starts_its_clock_again_instead_of_bursting_after_a_stall(monkeypatch: Any) -> None:
+def test_real_time_pacing_starts_its_clock_again_instead_of_bursting_after_a_stall(
+        monkeypatch: Any, caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock(50.0)
     monkeypatch.setattr(sender.time, "monotonic", clock)
-    pacer = sender.Pacer(Settings(pacing="realtime"))
+    pacer = sender.Pacer(Settings(pacing="realtime"), "c7")
     pacer.start_utterance()
     assert pacer.audio_due(0.04) == pytest.approx(49.96)  # the first chunk goes at once
     assert pacer.audio_due(0.04) == pytest.approx(50.0)  # then one chunk ahead of playback
@@ -76,6 +77,9 @@ def test_real_time_pacing_starts_its_clock_again_instead_of_bursting_after_a_sta
     assert pacer.audio_due(0.04) == 60.0  # due now, not ten seconds ago
     assert pacer.audio_due(0.04) == pytest.approx(60.04)  # and paced from here on, not a burst
     assert pacer.late == 1
+    # the room heard a gap: the log says where and how long
+    (line,) = [r.getMessage() for r in caplog.records if "pacing.clock_restarted" in r.getMessage()]
+    assert "conversation=c7" in line and "late_ms=9960.0" in line, line
 
 
 def test_real_time_pacing_catches_up_a_short_stall_and_keeps_its_schedule(monkeypatch: Any) -> None:
