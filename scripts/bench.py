@@ -671,7 +671,7 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
             try:
                 for rep in range(args.repeats):
                     for name, clip in clips.items():
-                        calls, firsts = [], []
+                        calls, firsts, after_call = [], [], []
                         for n in range(args.samples):
                             uid = f"{pacing}-{rep}-{name[:2]}-{n}"
                             t0 = time.perf_counter()
@@ -680,6 +680,7 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
                             wait(lambda uid=uid, seen=arrivals.seen: uid.encode() in seen, 30, f"{uid}'s first chunk")
                             calls.append((t1 - t0) * 1000)
                             firsts.append((arrivals.seen[uid.encode()] - t0) * 1000)
+                            after_call.append((arrivals.seen[uid.encode()] - t1) * 1000)
                             b.client.interrupt(cid)  # the rest of it is not what is measured
                             b.client.wait(uid, timeout=60, poll_s=0.01)
                             b.r.delete(keys.blob(uid))
@@ -687,6 +688,9 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
                         if pacing == "burst":
                             figs.add(f"play() call, {name}, median of {args.samples} ms", statistics.median(calls))
                         figs.add(f"enqueue -> first chunk, {name}, {pacing}, median ms", statistics.median(firsts))
+                        # the same without the upload: from play() returning (the utterance queued)
+                        figs.add(f"play() returned -> first chunk, {name}, {pacing}, median ms",
+                                 statistics.median(after_call))
             finally:
                 arrivals.stop.set()
         finally:
@@ -696,6 +700,10 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
         five = figs.values[f"enqueue -> first chunk, 5-s MP3, {ratio}, median ms"]
         for a, c in zip(ten, five, strict=True):
             figs.add(f"first chunk, 10-min / 5-s, {ratio}", a / c)
+        ten = figs.values[f"play() returned -> first chunk, 10-min MP3, {ratio}, median ms"]
+        five = figs.values[f"play() returned -> first chunk, 5-s MP3, {ratio}, median ms"]
+        for a, c in zip(ten, five, strict=True):
+            figs.add(f"from play() returned, 10-min / 5-s, {ratio}", a / c)
     floors(clips["10-min MP3"], args.repeats, args.samples, figs)
     conversion(clips["10-min MP3"], args.repeats, figs)
     print(f"{args.samples} samples per figure and repeat, {args.repeats} repeats (each figure: the median of a "
