@@ -124,7 +124,7 @@ class Figures:
     def print(self) -> None:
         width = max(len(n) for n in self.values)
         for name, vals in self.values.items():
-            each = f"  each: {', '.join(f'{v:g}' if v == int(v) else f'{v:.2f}' for v in vals)}" \
+            each = f"  each: {', '.join(f'{v:.3f}'.rstrip('0').rstrip('.') for v in vals)}" \
                 if 2 < len(vals) <= 10 else ""  # so "in k of n repeats" can be read off, not guessed
             print(f"  {name:<{width}}  min {min(vals):10.3f}  median {statistics.median(vals):10.3f}  "
                   f"max {max(vals):10.3f}  (n={len(vals)}){each}")
