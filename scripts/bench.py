@@ -698,14 +698,11 @@ def bench_firstaudio(args: argparse.Namespace) -> None:
         finally:
             b.close()
     for ratio in ("burst", "realtime"):
-        ten = figs.values[f"enqueue -> first chunk, 10-min MP3, {ratio}, median ms"]
-        five = figs.values[f"enqueue -> first chunk, 5-s MP3, {ratio}, median ms"]
-        for a, c in zip(ten, five, strict=True):
-            figs.add(f"first chunk, 10-min / 5-s, {ratio}", a / c)
-        ten = figs.values[f"play() returned -> first chunk, 10-min MP3, {ratio}, median ms"]
-        five = figs.values[f"play() returned -> first chunk, 5-s MP3, {ratio}, median ms"]
-        for a, c in zip(ten, five, strict=True):
-            figs.add(f"from play() returned, 10-min / 5-s, {ratio}", a / c)
+        for timed, label in (("enqueue", "first chunk"), ("play() returned", "from play() returned")):
+            ten = figs.values[f"{timed} -> first chunk, 10-min MP3, {ratio}, median ms"]
+            five = figs.values[f"{timed} -> first chunk, 5-s MP3, {ratio}, median ms"]
+            for a, c in zip(ten, five, strict=True):
+                figs.add(f"{label}, 10-min / 5-s, {ratio}", a / c)
     floors(clips["10-min MP3"], args.repeats, args.samples, figs)
     conversion(clips["10-min MP3"], args.repeats, figs)
     print(f"{args.samples} samples per figure and repeat, {args.repeats} repeats (each figure: the median of a "
