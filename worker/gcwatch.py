@@ -1,11 +1,11 @@
 """Python's cyclic garbage collector in a worker: watched, and kept off what never dies.
 
 A full (generation 2) collection walks every object the collector tracks, holding the GIL the
-whole time: every thread of the process stops, the pacing loop too. A worker holds about 70,000
-tracked objects once Celery and echoq are imported, and a full collection of those alone took
-about 50 ms on the 2-core test machine; with a hundred rooms playing, collections of ~220 ms
-stalled every paced room past what real-time pacing catches up (200 ms), so each of them heard
-a gap (BENCHMARKS.md, seventh part).
+whole time: every thread of the process stops, the pacing loop too. Many of those objects are
+alive from start-up (Celery's machinery, modules, classes) and never become garbage. With a
+hundred rooms playing, a worker tracked ~114,000 objects and full collections took 114–199 ms on
+the 2-core test machine, stalling paced rooms past what real-time pacing catches up (200 ms), so
+they heard a gap (BENCHMARKS.md, seventh part).
 
 :func:`install` moves everything alive when the worker is ready (modules, classes, Celery's
 machinery) into the collector's permanent generation (:func:`gc.freeze`), so full collections
